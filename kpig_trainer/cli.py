@@ -1,0 +1,38 @@
+"""The ``kpig`` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+from .data.records import DataError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kpig", description="Continual instruction tuning with KPIG.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    data = commands.add_parser("data", help="inspect tasks and streams")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    from .data import summary
+
+    summary_parser = data_commands.add_parser("summary", help="tasks, categories, stage plan and instance counts")
+    summary.add_arguments(summary_parser)
+    summary_parser.set_defaults(handler=summary.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
