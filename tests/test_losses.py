@@ -207,8 +207,8 @@ def test_gradcheck_float64(gen):
     teacher = torch.randn(2, 4, 5, generator=gen, dtype=torch.float64)
     temps = torch.tensor([1.3, 2.2], dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda s: kpig_jsd(s, teacher, labels, temps, log_base=math.e), (student,))
-    assert torch.autograd.gradcheck(lambda s: kpig_jsd(s, teacher, labels, temps, reduction="none"), (student,))
-    assert torch.autograd.gradcheck(lambda s: cross_entropy_loss(s, labels), (student,))
+    assert torch.autograd.gradcheck(lambda s: kpig_jsd(s, teacher, labels, temps, reduction="none"), (student,), fast_mode=True)
+    assert torch.autograd.gradcheck(lambda s: cross_entropy_loss(s, labels), (student,), fast_mode=True)
 
 
 # ---------------------------------------------------------------------------------------------

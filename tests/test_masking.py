@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kpig_trainer.data import masking
+import kpig_trainer.data.masking as masking
 from kpig_trainer.data.masking import KeyPartMatch, find_key_part_spans, mask_key_parts
 
 M = "[MASK]"

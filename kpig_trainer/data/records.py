@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Mapping, Sequence
 
 logger = logging.getLogger(__name__)
@@ -14,6 +15,7 @@ FORMAT_TYPES = (
     "list", "2d_list", "split", "number", "json", "uppercase_letter", "max_words",
     "one_answer", "contains", "pattern",
 )
+_FORMAT_KEYS = {"split": ("delimiter",), "max_words": ("n",), "contains": ("text",), "pattern": ("regex",)}
 
 
 class DataError(ValueError):
@@ -74,18 +76,28 @@ class Constraints:
     def validate(self, context: str = "") -> None:
         if self.metric not in METRICS:
             raise DataError(f"{context}unknown metric {self.metric!r}; expected one of {METRICS}")
-        if self.scope == "In choice" and not self.labels:
-            raise DataError(f"{context}scope 'In choice' needs a non-empty 'labels' list")
+        if self.scope == "In choice" and not self.labels and not self.labels_from_input:
+            raise DataError(f"{context}scope 'In choice' needs a non-empty 'labels' list (or labels_from_input)")
         spec = self.format_spec
         if spec is not None:
             kind = spec.get("type") if isinstance(spec, Mapping) else None
             if kind not in FORMAT_TYPES:
                 raise DataError(f"{context}format_spec type {kind!r} is not one of {FORMAT_TYPES}")
+            missing = [key for key in _FORMAT_KEYS.get(kind, ()) if key not in spec]
+            if missing:
+                raise DataError(f"{context}format_spec {dict(spec)!r} lacks {missing}")
         if self.max_words is not None and (not isinstance(self.max_words, int) or self.max_words < 1):
             raise DataError(f"{context}max_words must be a positive integer, got {self.max_words!r}")
 
+    @cached_property
+    def label_set(self) -> frozenset[str]:
+        """The labels after :func:`kpig_trainer.evaluation.normalize_answer`."""
+        from ..evaluation.metrics import normalize_answer
+
+        return frozenset(map(normalize_answer, self.labels))
+
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         data["labels"] = list(self.labels)
         data["format_spec"] = dict(self.format_spec) if self.format_spec is not None else None
         return data

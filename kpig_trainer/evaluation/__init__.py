@@ -1,7 +1,6 @@
 """Scoring for continual instruction tuning: metrics, constraint violations, P/V-score."""
 
 from .constraints import (
-    TaskConstraints,
     as_constraints,
     is_out_of_scope,
     is_wordy,
@@ -29,7 +28,6 @@ __all__ = [
     "ExampleScore",
     "JudgeError",
     "LLMJudge",
-    "TaskConstraints",
     "TaskScore",
     "as_constraints",
     "bleu",

@@ -10,15 +10,13 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
-from .metrics import parse_bracketed_list, normalize_answer
+from ..data.records import Constraints
+from .metrics import normalize_answer, parse_bracketed_list, parse_items
 
 __all__ = [
-    "FORMAT_TYPES",
-    "METRICS",
-    "TaskConstraints",
     "as_constraints",
     "is_out_of_scope",
     "is_wordy",
@@ -26,62 +24,16 @@ __all__ = [
     "violations",
 ]
 
-METRICS = ("ACC", "F1", "ROUGE", "BLEU", "Match", "GPT")
-FORMAT_TYPES = (
-    "list", "2d_list", "split", "number", "json", "uppercase_letter",
-    "max_words", "one_answer", "contains", "pattern",
-)  # fmt: skip
-
-_REQUIRED_KEYS = {"max_words": ("n",), "contains": ("text",), "pattern": ("regex",)}
-
-
-@dataclass(frozen=True)
-class TaskConstraints:
-    """A task's hand-annotated evaluation constraints (paper tables 7-10).
-
-    Attributes:
-        metric: "ACC", "F1", "ROUGE", "BLEU", "Match" or "GPT".
-        scope: "In choice", "In context", "Noun" or None (the paper's "-").
-        format: the paper's raw format string ("-", "List", "Split by ,", ...), for reports.
-        labels: allowed answers of an "In choice" task, as the instruction spells them.
-        labels_from_input: the allowed answers (also) appear in each instance's input.
-        format_spec: machine-checkable format, e.g. ``{"type": "split", "delimiter": ","}``;
-            None when the task constrains no format.
-        max_words: a response with more whitespace-split words is wordy; None = no limit.
-    """
-
-    metric: str
-    scope: str | None = None
-    format: str | None = None
-    labels: tuple[str, ...] = ()
-    labels_from_input: bool = False
-    format_spec: Mapping[str, Any] | None = None
-    max_words: int | None = None
-    _label_set: frozenset[str] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        if self.metric not in METRICS:
-            raise ValueError(f"unknown metric {self.metric!r}; expected one of {METRICS}")
-        spec = self.format_spec
-        if spec is not None:
-            if spec.get("type") not in FORMAT_TYPES:
-                raise ValueError(
-                    f"unknown format_spec type {spec.get('type')!r}; expected one of {FORMAT_TYPES}"
-                )
-            missing = [key for key in _REQUIRED_KEYS.get(spec["type"], ()) if key not in spec]
-            if missing:
-                raise ValueError(f"format_spec {dict(spec)!r} lacks {missing}")
-        object.__setattr__(self, "_label_set", frozenset(map(normalize_answer, self.labels)))
-
-
 _FIELDS = ("metric", "scope", "format", "labels", "labels_from_input", "format_spec", "max_words")
 
 
-def as_constraints(obj: Any) -> TaskConstraints:
-    """Adapt a plain mapping, a ``TaskConstraints`` or any object with the annotation
-    attributes (``metric``, ``scope``, ``format``, ``labels``, ...) to ``TaskConstraints``.
-    Missing fields take their defaults; the scope "-" becomes None."""
-    if isinstance(obj, TaskConstraints):
+def as_constraints(obj: Any) -> Constraints:
+    """Adapt a plain mapping or any object with the annotation attributes (``metric``,
+    ``scope``, ``format``, ``labels``, ...) to :class:`kpig_trainer.data.Constraints`.
+
+    Missing fields take their defaults. Raises ``DataError`` (a ``ValueError``) on an unknown
+    metric or format_spec."""
+    if isinstance(obj, Constraints):
         return obj
     if isinstance(obj, Mapping):
         values = {name: obj.get(name) for name in _FIELDS}
@@ -92,15 +44,17 @@ def as_constraints(obj: Any) -> TaskConstraints:
     spec = values["format_spec"]
     if spec is not None and not isinstance(spec, Mapping):
         spec = vars(spec)  # an attribute object such as a dataclass instance
-    return TaskConstraints(
+    constraints = Constraints(
         metric=values["metric"],
-        scope=None if values["scope"] in (None, "", "-") else values["scope"],
-        format=values["format"],
+        scope=values["scope"] or "-",
+        format=values["format"] or "-",
         labels=tuple(values["labels"] or ()),
         labels_from_input=bool(values["labels_from_input"]),
         format_spec=dict(spec) if spec is not None else None,
         max_words=values["max_words"],
     )
+    constraints.validate()
+    return constraints
 
 
 # ---------------------------------------------------------------------------------------
@@ -178,7 +132,8 @@ def is_wrong_format(response: str, constraints: Any) -> bool | None:
     - ``2d_list``: a bracketed list whose items are all one-dimensional lists
       (``[[1], [2, 3]]``; ``[]`` counts as an empty 2D list).
     - ``split``: non-empty items separated by ``delimiter``, no brackets (one item is fine).
-    - ``number``: an integer or decimal with an optional sign (``-3``, ``2.5``, ``.5``).
+    - ``number``: an integer or decimal with an optional sign (``-3``, ``+2.5``, ``.5``,
+      ``3.``); no thousands separators or exponents.
     - ``json``: ``json.loads`` accepts it.
     - ``uppercase_letter``: exactly one letter A-Z and nothing else.
     - ``max_words``: at most ``n`` whitespace-separated words.
@@ -200,23 +155,26 @@ def is_wrong_format(response: str, constraints: Any) -> bool | None:
 
 
 def _spans(response: str, spec: Mapping | None) -> list[str]:
-    """The answers a response gives: its items for list / split formats, else itself."""
+    """The answers a response gives: its items for list / split formats (brackets and
+    empty items are format matters, left to WFR), else the response itself."""
     kind = spec.get("type") if spec else None
-    if kind == "split":
-        return [item.strip() for item in response.split(spec.get("delimiter", ","))]
-    if kind in ("list", "2d_list"):
-        items = _parse_list(response.strip())
-        if items is not None:
-            flat = [x for item in items for x in (item if isinstance(item, list) else [item])]
-            return [str(x) for x in flat]
-    return [response]
+    if kind not in ("split", "list", "2d_list"):
+        return [response]
+    items = parse_items(response, spec.get("delimiter") if kind == "split" else None)
+    return [str(x) for item in items for x in (item if isinstance(item, list) else [item])]
+
+
+@lru_cache(maxsize=64)
+def _haystack(text: str) -> str:
+    # Cached: labels_from_input checks every label against the same input.
+    return re.sub(r"\s+", " ", text.casefold())
 
 
 def _occurs_in(span: str, text: str) -> bool:
-    # Whole-token occurrence, so "he" is not found inside "the".
+    """Whether normalised ``span`` occurs in ``text`` on token boundaries ("he" is not
+    found inside "the"), ignoring case and whitespace differences."""
     span = normalize_answer(span)
-    haystack = re.sub(r"\s+", " ", text.casefold())
-    return bool(span) and re.search(rf"(?<!\w){re.escape(span)}(?!\w)", haystack) is not None
+    return bool(span) and re.search(rf"(?<!\w){re.escape(span)}(?!\w)", _haystack(text)) is not None
 
 
 def is_out_of_scope(response: str, constraints: Any, input_text: str | None = None) -> bool | None:
@@ -233,15 +191,18 @@ def is_out_of_scope(response: str, constraints: Any, input_text: str | None = No
       labels, any span of the input.
     - "In context": every extracted span (items when the format is split / list) must
       occur in ``input_text``, case-insensitively and on token boundaries.
-    - Empty responses and empty items are out of scope. Other scopes ("Noun", none), an
-      "In choice" task without labels, and input-based checks without ``input_text``: None.
+    - Items come from ``parse_items``, so "[a, b]" for a split format is judged on "a"
+      and "b": brackets and empty items count under WFR, not here. An empty response is
+      out of scope.
+    - Not applicable (None): other scopes ("Noun", none), an "In choice" task without
+      labels, and input-based checks without ``input_text``.
     """
     task = as_constraints(constraints)
     scope = (task.scope or "").casefold()
     allowed: set[str] | None = None  # normalised choices of an "In choice" task
     from_input = "in context" in scope and input_text is not None
     if "in choice" in scope:
-        allowed = set(task._label_set)
+        allowed = set(task.label_set)
         if task.labels_from_input and input_text is not None:
             offered = {label for label in allowed if _occurs_in(label, input_text)}
             if offered:
@@ -252,7 +213,7 @@ def is_out_of_scope(response: str, constraints: Any, input_text: str | None = No
     if allowed is None and not from_input:
         return None
     spans = _spans(response, task.format_spec)
-    if not response.strip() or not all(span.strip() for span in spans):
+    if not spans or not response.strip():
         return True
     return any(
         (allowed is not None and normalize_answer(span) not in allowed)

@@ -136,7 +136,8 @@ class LLMJudge:
         value = 1.0 if verdict else 0.0
         with self._lock:
             self._cache[key] = value
-            self._append({"model": self.model, "prompt": prompt, "answer": answer, "verdict": value, "reply": reply})
+            record = {"model": self.model, "prompt": prompt, "answer": answer, "verdict": value}
+            self._append({**record, "reply": reply})
         return value
 
     # -- endpoint ---------------------------------------------------------------------

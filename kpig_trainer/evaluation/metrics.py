@@ -49,7 +49,7 @@ def normalize_answer(text: str) -> str:
     1. casefold (a stronger ``lower()``: "Agent" -> "agent");
     2. collapse every run of whitespace into one space and strip both ends;
     3. repeatedly strip one layer of quotes surrounding the whole text (``"x"``, ``'x'``,
-       ```x```, curly quotes, guillemets) or one trailing punctuation mark (``. , ; : ! ?``,
+       backticks, curly quotes, guillemets) or one trailing punctuation mark (``. , ; : ! ?``,
        ellipsis), re-stripping whitespace each time, until nothing changes; a step that
        would leave the text empty is not taken, so a label that *is* punctuation (the Penn
        Treebank tag ``"."``) survives.
@@ -134,6 +134,8 @@ def rouge_l(prediction: str, references: Sequence[str]) -> float:
     such character (``"."``, non-Latin text) would score 0 even when identical; for those
     we fall back to normalised exact match.
     """
+    if prediction in references:  # identical token sequences: F = 1, skip the O(n*m) LCS
+        return 1.0
     scorer = _rouge_scorer()
     best = 0.0
     for ref in references:
@@ -239,6 +241,10 @@ def parse_bracketed_list(text: str) -> list:
             if text[pos] != ",":
                 raise ValueError(f"expected ',' or ']' at position {pos}, got {text[pos]!r}")
             pos += 1
+            skip_ws()
+            if pos < len(text) and text[pos] == "]":  # a trailing comma, as Python allows
+                pos += 1
+                return items
 
     text = text.strip()
     if not text.startswith("["):
@@ -322,7 +328,7 @@ def score_example(
     """Score one prediction with the metric annotated for its task.
 
     ``constraints`` is a mapping or object with the annotation fields (see
-    ``TaskConstraints``). ACC -> ``exact_match``; F1 -> ``set_f1`` when the task has a
+    ``Constraints``). ACC -> ``exact_match``; F1 -> ``set_f1`` when the task has a
     list / split format or scope "In context" (extraction), else ``token_f1``; ROUGE ->
     ``rouge_l``; BLEU -> ``bleu``; Match -> ``set_match``; GPT -> the LLM ``judge`` when one
     is given and available, else ``rouge_l`` with ``fallback=True``.
