@@ -24,6 +24,8 @@ _EXPORTS = {
     "load_superni_tasks": "kpig_trainer.data",
     "load_tasks": "kpig_trainer.data",
     "mask_key_parts": "kpig_trainer.data.masking",
+    "KPIGDataCollator": "kpig_trainer.data.collator",
+    "format_prompt": "kpig_trainer.data.prompts",
     # KPIG math
     "info_score": "kpig_trainer.info_gain",
     "information_gain": "kpig_trainer.info_gain",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
+from .prompts import PLAIN_TEMPLATE, format_message, format_prompt, has_chat_template
 from .benchmark import BENCHMARK_DIR, Benchmark, load_annotations, load_benchmark
 from .loaders import (
     DEFAULT_COLUMNS,
@@ -18,6 +19,15 @@ from .loaders import (
 )
 from .records import Constraints, DataError, Demonstration, Instance, Task
 from .stream import Stage, Stream, balanced_sample, build_stream, plan_stages, split_task
+
+
+def __getattr__(name: str) -> Any:
+    # The collator needs torch; import it only when asked, so `kpig data summary` starts fast.
+    if name == "KPIGDataCollator":
+        from .collator import KPIGDataCollator
+
+        return KPIGDataCollator
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def instances_to_columns(
@@ -38,7 +48,8 @@ def instances_to_columns(
 
 
 __all__ = [
-    "BENCHMARK_DIR", "Benchmark", "Constraints", "DEFAULT_COLUMNS", "DataError", "Demonstration",
+    "BENCHMARK_DIR", "Benchmark", "KPIGDataCollator", "PLAIN_TEMPLATE", "format_message", "format_prompt",
+    "has_chat_template", "Constraints", "DEFAULT_COLUMNS", "DataError", "Demonstration",
     "Instance", "Split", "Stage", "Stream", "Task", "balanced_sample", "build_stream",
     "instances_to_columns", "load_annotations", "load_benchmark", "load_dataset_tasks",
     "load_jsonl_tasks", "load_splits", "load_superni_task", "load_superni_tasks", "load_tasks",

@@ -1,0 +1,282 @@
+"""Replay strategies: which earlier tasks (and instances) join the next stage.
+
+Every strategy answers one :class:`ReplayRequest` with one :class:`ReplayChoice`, so the
+paper's baselines are runs of the same code with another ``replay_strategy`` name:
+
+* ``kpig``: sample ``N`` instances of every seen task, score their information gain with the
+  model as it stands, replay the ``M`` tasks with the lowest mean IG (paper, Algorithm 1).
+* ``random``: ``M`` seen tasks drawn at random, ``N`` instances each.
+* ``entropy``: DynaInst-like: of the ``N`` sampled instances of every seen task, the ``M x N``
+  with the highest predictive entropy on their outputs.
+* ``all``: every seen task, ``N`` instances each (the replay-everything budget).
+* ``none``: no replay.
+
+Model scores are computed by a :class:`ModelScorer`, which shards the instances over the
+processes of a distributed run and all-gathers the scores, so that every rank sees the same
+numbers and selects the same tasks (a rank that chose differently would hang the run).
+Ties are broken by task name, never by dictionary or set order.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from .data.records import Instance
+from .info_gain import information_gain
+from .losses import IGNORE_INDEX, response_positions
+
+
+@dataclass
+class ReplayRequest:
+    """What a strategy knows at a stage boundary.
+
+    Attributes:
+        stage: index of the stage about to be trained.
+        seen_tasks: tasks trained in earlier stages, in stream order.
+        next_tasks: the tasks of the stage about to be trained.
+        candidates: train instances of every seen task.
+        num_tasks: ``M``, tasks to replay.
+        num_instances: ``N``, instances sampled (and replayed) per task.
+        seed: seeds the sampling; the same request always gives the same choice.
+    """
+
+    stage: int
+    seen_tasks: list[str]
+    next_tasks: list[str]
+    candidates: Mapping[str, Sequence[Instance]]
+    num_tasks: int
+    num_instances: int
+    seed: int = 0
+
+    def sample(self, task: str) -> list[Instance]:
+        """``N`` instances of ``task``, drawn with a generator seeded by (seed, stage, task)."""
+        pool = list(self.candidates[task])
+        rng = random.Random(f"{self.seed}/{self.stage}/{task}")
+        return rng.sample(pool, min(self.num_instances, len(pool)))
+
+
+@dataclass
+class ReplayChoice:
+    """A strategy's answer: the replayed tasks and instances, with the scores behind them."""
+
+    strategy: str
+    tasks: list[str]
+    instances: list[Instance]
+    scores: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (instance ids, not instances) for the run state and logs."""
+        return {
+            "strategy": self.strategy,
+            "tasks": list(self.tasks),
+            "instances": [[i.task, i.id] for i in self.instances],
+            "scores": dict(self.scores),
+        }
+
+
+def response_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Mean predictive entropy (nats) per row over the positions that predict response tokens.
+
+    Computed in float32; rows without a response token give 0.
+    """
+    rows, positions, _ = response_positions(labels, ignore_index)
+    logp = torch.log_softmax(logits[rows, positions].float(), dim=-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    total = torch.zeros(labels.shape[0], device=logits.device).index_add_(0, rows, entropy)
+    count = torch.zeros(labels.shape[0], device=logits.device).index_add_(0, rows, torch.ones_like(entropy))
+    return total / count.clamp(min=1)
+
+
+def _distributed() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class ModelScorer:
+    """Scores instances with a model: information gain or predictive entropy.
+
+    Args:
+        model: the causal LM as it stands at the stage boundary (unwrapped).
+        collator: a :class:`~kpig_trainer.data.collator.KPIGDataCollator` (paired batches).
+        alpha: exponential decay of Info (equation 2).
+        batch_size: instances per forward.
+        show_progress: a progress bar on the main process.
+    """
+
+    def __init__(self, model: torch.nn.Module, collator: Callable, *, alpha: float = 0.3,
+                 batch_size: int = 8, show_progress: bool = True) -> None:
+        self.model = model
+        self.collator = collator
+        self.alpha = alpha
+        self.batch_size = batch_size
+        self.show_progress = show_progress
+
+    def information_gain(self, instances: Sequence[Instance]) -> list[float]:
+        """IG of every instance (equation 1), identical on every rank."""
+        return self._score(instances, lambda batch: information_gain(self.model, batch, self.alpha), "IG")
+
+    @torch.no_grad()
+    def entropy(self, instances: Sequence[Instance]) -> list[float]:
+        """Mean predictive entropy of every instance's response, identical on every rank."""
+
+        def score(batch: Mapping[str, Any]) -> torch.Tensor:
+            device = next(self.model.parameters()).device
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                out = self.model(input_ids=batch["input_ids"].to(device),
+                                 attention_mask=batch["attention_mask"].to(device), use_cache=False)
+            finally:
+                self.model.train(was_training)
+            return response_entropy(out.logits, batch["labels"].to(device))
+
+        return self._score(instances, score, "entropy")
+
+    def _score(self, instances: Sequence[Instance], fn: Callable, what: str) -> list[float]:
+        from tqdm.auto import tqdm
+
+        rank, world = _distributed()
+        mine = list(range(rank, len(instances), world))
+        # Every rank runs the same number of forwards (sharded models run collectives inside
+        # forward); a short shard repeats its last index and drops the extra result.
+        steps = math.ceil(math.ceil(len(instances) / world) / self.batch_size) if instances else 0
+        local: dict[int, float] = {}
+        bar = tqdm(total=len(mine), desc=f"replay: {what}", disable=not self.show_progress or rank != 0)
+        for step in range(steps):
+            chunk = mine[step * self.batch_size:(step + 1) * self.batch_size]
+            padded = chunk + [mine[-1] if mine else 0] * (self.batch_size - len(chunk)) if world > 1 else chunk
+            if not padded:
+                continue
+            values = fn(self.collator([instances[i] for i in padded])).tolist()
+            local.update(zip(chunk, values[: len(chunk)]))
+            bar.update(len(chunk))
+        bar.close()
+        if world > 1:
+            gathered: list[dict[int, float] | None] = [None] * world
+            torch.distributed.all_gather_object(gathered, local)
+            for part in gathered:
+                local.update(part or {})
+        return [local[i] for i in range(len(instances))]
+
+
+class ReplayStrategy:
+    """Base class: subclasses set ``name`` and implement :meth:`select`."""
+
+    name = ""
+    needs_model = False
+
+    def select(self, request: ReplayRequest, scorer: ModelScorer | None = None) -> ReplayChoice:
+        raise NotImplementedError
+
+    def _choice(self, request: ReplayRequest, tasks: Sequence[str], scores: Mapping[str, float] | None = None,
+                instances: Sequence[Instance] | None = None) -> ReplayChoice:
+        if instances is None:
+            instances = [i for t in tasks for i in request.sample(t)]
+        return ReplayChoice(self.name, list(tasks), list(instances), dict(scores or {}))
+
+
+class NoReplay(ReplayStrategy):
+    name = "none"
+
+    def select(self, request, scorer=None):
+        return self._choice(request, [])
+
+
+class ReplayAll(ReplayStrategy):
+    name = "all"
+
+    def select(self, request, scorer=None):
+        return self._choice(request, request.seen_tasks)
+
+
+class RandomReplay(ReplayStrategy):
+    name = "random"
+
+    def select(self, request, scorer=None):
+        rng = random.Random(f"{request.seed}/{request.stage}/random-tasks")
+        tasks = rng.sample(request.seen_tasks, min(request.num_tasks, len(request.seen_tasks)))
+        return self._choice(request, sorted(tasks, key=request.seen_tasks.index))
+
+
+class KPIGReplay(ReplayStrategy):
+    """The ``M`` seen tasks with the lowest mean IG over ``N`` sampled instances."""
+
+    name = "kpig"
+    needs_model = True
+
+    def task_scores(self, request: ReplayRequest, scorer: ModelScorer) -> tuple[dict[str, float], dict[str, list[Instance]]]:
+        """Mean IG per seen task, and the sampled instances it was computed on."""
+        samples = {t: request.sample(t) for t in request.seen_tasks}
+        flat = [i for t in request.seen_tasks for i in samples[t]]
+        values = iter(scorer.information_gain(flat))
+        scores = {}
+        for task in request.seen_tasks:
+            task_values = [next(values) for _ in samples[task]]
+            scores[task] = sum(task_values) / len(task_values) if task_values else math.inf
+        return scores, samples
+
+    def select(self, request, scorer=None):
+        if not request.seen_tasks:
+            return self._choice(request, [])
+        if scorer is None:
+            raise ValueError("replay strategy 'kpig' scores information gain and needs a model scorer")
+        scores, samples = self.task_scores(request, scorer)
+        tasks = lowest(scores, request.num_tasks)
+        return self._choice(request, tasks, scores, [i for t in tasks for i in samples[t]])
+
+
+class EntropyReplay(ReplayStrategy):
+    """DynaInst-like: the ``M x N`` sampled instances with the highest predictive entropy."""
+
+    name = "entropy"
+    needs_model = True
+
+    def select(self, request, scorer=None):
+        if not request.seen_tasks:
+            return self._choice(request, [])
+        if scorer is None:
+            raise ValueError("replay strategy 'entropy' scores predictive entropy and needs a model scorer")
+        flat = [i for t in request.seen_tasks for i in request.sample(t)]
+        values = scorer.entropy(flat)
+        budget = request.num_tasks * request.num_instances
+        order = sorted(range(len(flat)), key=lambda k: (-values[k], flat[k].task, flat[k].id))[:budget]
+        chosen = [flat[k] for k in sorted(order)]
+        per_task: dict[str, list[float]] = {}
+        for instance, value in zip(flat, values):
+            per_task.setdefault(instance.task, []).append(value)
+        scores = {t: sum(v) / len(v) for t, v in per_task.items()}
+        tasks = [t for t in request.seen_tasks if any(i.task == t for i in chosen)]
+        return self._choice(request, tasks, scores, chosen)
+
+
+def lowest(scores: Mapping[str, float], k: int) -> list[str]:
+    """The ``k`` keys with the lowest scores; ties broken by name, so every rank agrees."""
+    return sorted(scores, key=lambda t: (scores[t], t))[:k]
+
+
+REPLAY_STRATEGIES: dict[str, type[ReplayStrategy]] = {
+    cls.name: cls for cls in (KPIGReplay, RandomReplay, EntropyReplay, ReplayAll, NoReplay)
+}
+
+
+def register_replay_strategy(cls: type[ReplayStrategy]) -> type[ReplayStrategy]:
+    """Register a strategy class under its ``name`` (usable as a decorator)."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a non-empty 'name'")
+    REPLAY_STRATEGIES[cls.name] = cls
+    return cls
+
+
+def get_replay_strategy(name: str, **kwargs: Any) -> ReplayStrategy:
+    """Instantiate the strategy registered as ``name``."""
+    try:
+        cls = REPLAY_STRATEGIES[name]
+    except KeyError:
+        raise ValueError(f"unknown replay strategy {name!r}; choose one of {sorted(REPLAY_STRATEGIES)}") from None
+    return cls(**kwargs)
