@@ -21,6 +21,14 @@ def build_parser() -> argparse.ArgumentParser:
     summary_parser = data_commands.add_parser("summary", help="tasks, categories, stage plan and instance counts")
     summary.add_arguments(summary_parser)
     summary_parser.set_defaults(handler=summary.run)
+
+    # Each subsystem registers its own subcommands.
+    from .diversity.cli import register_cli as register_diversity
+
+    register_diversity(commands)
+    from .selection_cli import register_cli as register_selection
+
+    register_selection(commands)
     return parser
 
 

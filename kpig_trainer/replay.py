@@ -10,6 +10,9 @@ paper's baselines are runs of the same code with another ``replay_strategy`` nam
   with the highest predictive entropy on their outputs.
 * ``all``: every seen task, ``N`` instances each (the replay-everything budget).
 * ``none``: no replay.
+* ``similarity`` (INSTA): the ``M`` seen tasks whose instructions are most similar to the next
+  stage's (sentence-embedding cosine, :mod:`kpig_trainer.selection`).
+* ``kpig+similarity``: the ``M`` lowest-IG tasks among the ``2M`` most similar ones.
 
 Model scores are computed by a :class:`ModelScorer`, which shards the instances over the
 processes of a distributed run and all-gathers the scores, so that every rank sees the same
@@ -19,6 +22,7 @@ Ties are broken by task name, never by dictionary or set order.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from dataclasses import dataclass, field
@@ -26,7 +30,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .data.records import Instance
+from .data.records import Instance, Task
 from .info_gain import information_gain
 from .losses import IGNORE_INDEX, response_positions
 
@@ -43,6 +47,7 @@ class ReplayRequest:
         num_tasks: ``M``, tasks to replay.
         num_instances: ``N``, instances sampled (and replayed) per task.
         seed: seeds the sampling; the same request always gives the same choice.
+        tasks: the stream's tasks by name (their definitions, for similarity strategies).
     """
 
     stage: int
@@ -52,6 +57,7 @@ class ReplayRequest:
     num_tasks: int
     num_instances: int
     seed: int = 0
+    tasks: Mapping[str, Task] = field(default_factory=dict)
 
     def sample(self, task: str) -> list[Instance]:
         """``N`` instances of ``task``, drawn with a generator seeded by (seed, stage, task)."""
@@ -255,13 +261,77 @@ class EntropyReplay(ReplayStrategy):
         return self._choice(request, tasks, scores, chosen)
 
 
+class SimilarityReplay(ReplayStrategy):
+    """INSTA: the ``M`` seen tasks most similar to the next stage's tasks (scores: cosine).
+
+    Args:
+        embedder: sentence-transformers model or path (default: the embedded all-MiniLM-L6-v2,
+            or an aligned one from ``kpig align-embedder``).
+        aggregate: ``mean`` or ``max`` over instruction variants.
+        pools: instruction pools (``kpig diversify``), embedded through all their variants.
+    """
+
+    name = "similarity"
+
+    def __init__(self, embedder: Any = None, aggregate: str = "mean", pools: Mapping[str, Any] | None = None) -> None:
+        self.embedder, self.aggregate, self.pools = embedder, aggregate, pools
+        self._selector = None
+
+    def selector(self, request: ReplayRequest):
+        from .selection import InstructionSelector
+
+        if self._selector is None:  # the embedder loads once, on first use
+            self._selector = InstructionSelector(self.embedder, self.aggregate, show_progress=False,
+                                                 tasks=request.tasks, pools=self.pools)
+        return self._selector
+
+    def ranked(self, request: ReplayRequest, k: int) -> list[tuple[str, float]]:
+        from .selection import similar_seen_tasks
+
+        if not request.tasks:
+            raise ValueError(f"replay strategy {self.name!r} needs the tasks' instructions (ReplayRequest.tasks)")
+        return similar_seen_tasks(request.next_tasks, request.seen_tasks, k, self.selector(request))
+
+    def select(self, request, scorer=None):
+        if not request.seen_tasks:
+            return self._choice(request, [])
+        ranked = self.ranked(request, request.num_tasks)
+        return self._choice(request, [t for t, _ in ranked], dict(ranked))
+
+
+class KPIGSimilarityReplay(SimilarityReplay):
+    """The ``M`` lowest-IG tasks among the ``top_similar`` (default ``2M``) most similar seen tasks."""
+
+    name = "kpig+similarity"
+    needs_model = True
+
+    def __init__(self, embedder: Any = None, aggregate: str = "mean", pools: Mapping[str, Any] | None = None,
+                 top_similar: int | None = None) -> None:
+        super().__init__(embedder, aggregate, pools)
+        self.top_similar = top_similar
+
+    def select(self, request, scorer=None):
+        from .selection import lowest_ig_among
+
+        if not request.seen_tasks:
+            return self._choice(request, [])
+        if scorer is None:
+            raise ValueError(f"replay strategy {self.name!r} scores information gain and needs a model scorer")
+        similar = self.ranked(request, self.top_similar or 2 * request.num_tasks)
+        narrowed = dataclasses.replace(request, seen_tasks=[t for t, _ in similar])
+        ig, samples = KPIGReplay().task_scores(narrowed, scorer)
+        chosen = [t for t, _ in lowest_ig_among(similar, ig, request.num_tasks)]
+        return self._choice(request, chosen, ig, [i for t in chosen for i in samples[t]])
+
+
 def lowest(scores: Mapping[str, float], k: int) -> list[str]:
     """The ``k`` keys with the lowest scores; ties broken by name, so every rank agrees."""
     return sorted(scores, key=lambda t: (scores[t], t))[:k]
 
 
 REPLAY_STRATEGIES: dict[str, type[ReplayStrategy]] = {
-    cls.name: cls for cls in (KPIGReplay, RandomReplay, EntropyReplay, ReplayAll, NoReplay)
+    cls.name: cls
+    for cls in (KPIGReplay, RandomReplay, EntropyReplay, ReplayAll, NoReplay, SimilarityReplay, KPIGSimilarityReplay)
 }
 
 

@@ -158,3 +158,33 @@ def test_two_processes_select_the_same_tasks_as_one(tiny_model_path, tmp_path, t
         request(m=2, n=3), ModelScorer(model, KPIGDataCollator(tokenizer, max_length=256), show_progress=False))
     assert choices[0]["tasks"] == alone.tasks
     assert choices[0]["scores"] == pytest.approx(alone.scores, abs=1e-5)
+
+
+def test_similarity_strategies_follow_the_selector():
+    from kpig_trainer.data import Task
+    from kpig_trainer.selection import InstructionSelector, similar_seen_tasks
+
+    definitions = {
+        "sentiment": "Classify the sentiment of the movie review as positive or negative.",
+        "reviews": "Decide whether the product review expresses a positive or a negative opinion.",
+        "arith": "Add the two integers and output their sum as a number.",
+        "lists": "Remove duplicates from the list of integers and return the list.",
+        "next": "Is the restaurant review positive or negative? Answer with one word.",
+    }
+    tasks = {n: Task(n, "c", d, make_instances(n)) for n, d in definitions.items()}
+    req = ReplayRequest(stage=4, seen_tasks=["sentiment", "reviews", "arith", "lists"], next_tasks=["next"],
+                        candidates={n: tasks[n].instances for n in definitions}, num_tasks=2, num_instances=3,
+                        seed=0, tasks=tasks)
+    choice = get_replay_strategy("similarity").select(req)
+    direct = InstructionSelector(tasks=tasks, show_progress=False).select_tasks("next", req.seen_tasks, 2)
+    assert choice.tasks == [t for t, _ in direct] and set(choice.tasks) == {"sentiment", "reviews"}
+    assert choice.scores == pytest.approx(dict(direct))
+    # kpig+similarity: among the 2M=4 most similar, the 2 lowest IG; only those 4 are scored
+    table = {"sentiment": 0.9, "reviews": 0.1, "arith": -0.5, "lists": 0.3}
+    scorer = StubScorer(table)
+    mixed = get_replay_strategy("kpig+similarity", top_similar=3).select(req, scorer)
+    top3 = [t for t, _ in similar_seen_tasks(["next"], req.seen_tasks, 3, InstructionSelector(tasks=tasks, show_progress=False))]
+    expected = sorted(top3, key=lambda t: table[t])[:2]
+    assert mixed.tasks == expected and set(mixed.scores) == set(top3)
+    with pytest.raises(ValueError, match="needs a model scorer"):
+        get_replay_strategy("kpig+similarity").select(req)

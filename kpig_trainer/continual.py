@@ -1,0 +1,379 @@
+"""The continual run: for each stage, replay set, previous-model snapshot, training, evaluation,
+checkpoint. A stopped run resumes at the stage it was in (see :mod:`kpig_trainer.run_state`).
+
+Training methods (``ContinualArguments.method``), so the paper's baselines are runs of this code:
+
+* ``kpig``: CE + lambda * JSD on the masked twin with the IG temperature (``KPIGTrainer``).
+* ``sft``: sequential fine-tuning, plain loss.
+* ``lora``: ``sft`` on LoRA adapters (PEFT).
+* ``l2`` / ``ewc``: ``sft`` plus a quadratic anchor to the previous stage's weights (EWC weighs
+  it by the diagonal Fisher of the previous stage's data).
+* ``multi``: every seen task in one stage (the upper bound on seen tasks).
+* ``init``: no training; the model is only evaluated.
+
+Replay (``replay_strategy``) is independent of the method: ``kpig`` (lowest IG), ``random``,
+``entropy``, ``all``, ``none``, or any strategy registered in :mod:`kpig_trainer.replay`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .callbacks import ReplayCallback
+from .config import KPIGConfig
+from .data import Instance, Stream, load_benchmark, load_tasks
+from .data.records import DataError
+from .regularizers import ParameterAnchor, estimate_fisher, merge_fisher
+from .replay import ReplayChoice, ReplayRequest
+from .run_state import RunDirectory, RunState, atomic_write_json
+from .trainer import KPIGTrainer
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("kpig", "sft", "lora", "l2", "ewc", "multi", "init")
+
+
+@dataclass
+class ContinualArguments:
+    """What to run: model, data, stream, method, replay and checkpoints.
+
+    Training hyperparameters (learning rate, batch size, ``alpha``, ``jsd_weight``, ``replay_tasks``
+    M, ``replay_instances`` N, ``previous_model``, ``output_dir`` = the run directory, ...) live
+    in :class:`~kpig_trainer.config.KPIGConfig`.
+    """
+
+    model_name_or_path: str = field(default="smollm2", metadata={"help": "Model: an embedded alias (smollm2, tiny-llama), a local path or a Hub id."})
+    benchmark: str = field(default="demo", metadata={"help": "Shipped benchmark: demo or superni-kpig (ignored with --tasks)."})
+    tasks: str | None = field(default=None, metadata={"help": "Your own tasks: a SuperNI folder, .json or .jsonl file."})
+    annotations: str | None = field(default=None, metadata={"help": "Annotations JSON for --tasks (metric, scope, format, key parts)."})
+    splits: str | None = field(default=None, metadata={"help": "Splits JSON for --tasks ({'seen': [...], 'held_out': [...]}); default: every task seen."})
+    order: str = field(default="ST", metadata={"help": "Stream order: ST (one task per stage) or SC (one category per stage)."})
+    stage_order: str = field(default="given", metadata={"help": "Stage order: given, or shuffle (seeded)."})
+    max_stages: int | None = field(default=None, metadata={"help": "Train only the first this many stages."})
+    max_train_instances: int | None = field(default=None, metadata={"help": "Cap of train instances per task (default: the benchmark's)."})
+    max_test_instances: int | None = field(default=None, metadata={"help": "Cap of test instances per task (default: the benchmark's)."})
+    test_size: float = field(default=0.2, metadata={"help": "Test instances per seen task: a fraction (<1) or a count."})
+    method: str = field(default="kpig", metadata={"help": f"Training method: one of {', '.join(METHODS)}."})
+    replay_strategy: str | None = field(default=None, metadata={"help": "Replay: kpig, random, entropy, all, none, ... (default: kpig for method kpig, else none)."})
+    similarity_embedder: str | None = field(default=None, metadata={"help": "Embedder of the similarity replay strategies (default: embedded all-MiniLM-L6-v2; an aligned one from `kpig align-embedder`)."})
+    similarity_aggregate: str = field(default="mean", metadata={"help": "similarity replay: mean or max over instruction variants."})
+    regularization_weight: float = field(default=1.0, metadata={"help": "Weight of the l2 / ewc penalty."})
+    fisher_batches: int = field(default=16, metadata={"help": "Batches of the finished stage used to estimate the EWC Fisher."})
+    ewc_decay: float = field(default=1.0, metadata={"help": "Online EWC: Fisher <- decay * Fisher + new Fisher."})
+    use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters (implied by method lora)."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] | None = field(default=None, metadata={"help": "LoRA target modules (default: PEFT's for the architecture)."})
+    instruction_pools: str | None = field(default=None, metadata={"help": "Folder of instruction pools from `kpig diversify`; instances sample their instruction from it."})
+    keep_last_stages: int = field(default=2, metadata={"help": "Stage checkpoints to keep (0: keep all)."})
+    evaluate: bool = field(default=True, metadata={"help": "Evaluate every seen and held-out task after each stage."})
+    eval_batch_size: int = field(default=8, metadata={"help": "Batch size of evaluation."})
+    held_out_demonstrations: int = field(default=2, metadata={"help": "Positive demonstrations in the prompt of held-out tasks (the paper: 2)."})
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.method == "lora":
+            self.use_peft = True
+        if self.replay_strategy is None:
+            self.replay_strategy = "kpig" if self.method == "kpig" else "none"
+
+    @property
+    def uses_jsd(self) -> bool:
+        return self.method == "kpig"
+
+
+def load_stream(args: ContinualArguments, seed: int) -> Stream:
+    """The stream the run trains on (``multi``: one stage of every seen task)."""
+    options: dict[str, Any] = {"order": args.order, "stage_order": args.stage_order, "seed": seed,
+                               "test_size": int(args.test_size) if args.test_size >= 1 else args.test_size}
+    for key in ("max_train_instances", "max_test_instances"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    if args.tasks:
+        from .data import build_stream, load_annotations, load_splits
+
+        annotations = load_annotations(args.annotations) if args.annotations else None
+        tasks = load_tasks(args.tasks, annotations=annotations)
+        split = load_splits(args.splits, known_tasks=tasks) if args.splits else None
+        stream = build_stream(tasks, split.seen if split else list(tasks), split.held_out if split else [], **options)
+    else:
+        stream = load_benchmark(args.benchmark).stream(**options)
+    if args.max_stages is not None:
+        if args.max_stages < 1:
+            raise DataError(f"max_stages must be >= 1, got {args.max_stages}")
+        kept = stream.stages[: args.max_stages]
+        trained = [t for s in kept for t in s.tasks]
+        stream = dataclasses.replace(stream, stages=kept, seen=trained,
+                                     train={t: stream.train[t] for t in trained},
+                                     test={t: stream.test[t] for t in trained + stream.held_out})
+    if args.method == "multi":
+        from .data import Stage
+
+        stream = dataclasses.replace(stream, stages=[Stage(0, "multi", tuple(stream.seen))])
+    return stream
+
+
+def _rows(instances: list[Instance]) -> list[dict[str, Any]]:
+    return [{"id": i.id, "task": i.task, "instruction": i.instruction, "input": i.input,
+             "outputs": list(i.outputs), "key_parts": list(i.key_parts)} for i in instances]
+
+
+class ContinualRunner:
+    """Runs (or resumes) a continual stream.
+
+    Args:
+        args: what to run.
+        training_args: the per-stage training configuration; ``output_dir`` is the run directory.
+        evaluate_fn: ``(model, tokenizer, stream, stage_index) -> dict`` scoring the model after a
+            stage (``stage_index=-1``: before training); default: :func:`default_evaluation`.
+        callbacks: extra ``TrainerCallback``s added to every stage's trainer.
+    """
+
+    def __init__(self, args: ContinualArguments, training_args: KPIGConfig,
+                 evaluate_fn: Callable[..., dict[str, Any]] | None = None, callbacks: list | None = None) -> None:
+        self.args = args
+        self.training_args = training_args
+        self.dir = RunDirectory(training_args.output_dir)
+        self.stream = load_stream(args, training_args.seed)
+        self.evaluate_fn = evaluate_fn or default_evaluation
+        self.callbacks = list(callbacks or [])
+        self.state = self._load_or_create_state()
+        self.model = self.tokenizer = None
+        self.extra: dict[str, Any] = {}
+
+    # -- state ---------------------------------------------------------------------------
+
+    def fingerprint(self) -> str:
+        """Hash of everything that decides the run's results (not logging or checkpoint options)."""
+        training = {k: v for k, v in self.training_args.to_dict().items()
+                    if k not in {"output_dir", "logging_dir", "logging_steps", "save_steps", "report_to",
+                                 "disable_tqdm", "save_total_limit", "logging_first_step"}}
+        data = {"continual": dataclasses.asdict(self.args), "training": training,
+                "stages": [list(s.tasks) for s in self.stream.stages]}
+        return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def _load_or_create_state(self) -> RunState:
+        fingerprint = self.fingerprint()
+        if self.dir.state_path.exists():
+            state = RunState.load(self.dir.state_path)
+            if state.fingerprint != fingerprint:
+                raise ValueError(
+                    f"{self.dir.state_path}: this run directory holds a run with other settings "
+                    f"(fingerprint {state.fingerprint}, now {fingerprint}); use another output_dir or delete it")
+            logger.info("resuming %s: %d of %d stages done", self.dir.root, state.completed, len(state.stages))
+            return state
+        return RunState(fingerprint, [s.name for s in self.stream.stages])
+
+    def _save_state(self) -> None:
+        if self.training_args.process_index == 0:
+            self.state.save(self.dir.state_path)
+
+    def _barrier(self) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    # -- model ---------------------------------------------------------------------------
+
+    def _load_model(self) -> None:
+        from .models import load_model_and_tokenizer
+
+        done = self.state.completed
+        source = self.dir.model_dir(done - 1) if done > 0 else None
+        if source is not None and self.args.use_peft:
+            from peft import PeftModel
+
+            base, self.tokenizer = load_model_and_tokenizer(self.args.model_name_or_path, dtype=torch.float32)
+            self.model = PeftModel.from_pretrained(base, str(source), is_trainable=True)
+        else:
+            self.model, self.tokenizer = load_model_and_tokenizer(str(source or self.args.model_name_or_path),
+                                                                  dtype=torch.float32)
+            if self.args.use_peft and self.args.method != "init":
+                from peft import LoraConfig, get_peft_model
+
+                self.model = get_peft_model(self.model, LoraConfig(
+                    r=self.args.lora_r, lora_alpha=self.args.lora_alpha, lora_dropout=self.args.lora_dropout,
+                    target_modules=self.args.lora_target_modules, task_type="CAUSAL_LM"))
+        if done > 0 and self.dir.extra_path(done - 1).exists():
+            self.extra = torch.load(self.dir.extra_path(done - 1), weights_only=False)
+
+    def collator(self, with_masked: bool):
+        from .data.collator import KPIGDataCollator
+
+        return KPIGDataCollator(self.tokenizer, max_length=self.training_args.max_length or 1024,
+                                mask_token=self.training_args.mask_token, instruction_pools=self.instruction_pools,
+                                seed=self.training_args.seed, with_masked=with_masked)
+
+    # -- the loop ------------------------------------------------------------------------
+
+    def run(self) -> RunState:
+        """Train (or resume) every remaining stage; returns the final state."""
+        self._load_model()
+        if self.training_args.process_index == 0:
+            atomic_write_json(self.dir.config_path, {"continual": dataclasses.asdict(self.args),
+                                                     "training": self.training_args.to_dict()})
+        if self.args.evaluate and "init" not in self.state.evaluation:
+            self.state.evaluation["init"] = self.evaluate_fn(self.model, self.tokenizer, self.stream, -1)
+            self._save_state()
+        if self.args.method == "init":
+            return self.state
+        for stage in range(self.state.completed, len(self.stream.stages)):
+            self._run_stage(stage)
+        return self.state
+
+    @property
+    def replay_strategy(self):
+        """The replay strategy, built once (similarity strategies keep their embeddings)."""
+        if getattr(self, "_replay_strategy", None) is None:
+            from .replay import get_replay_strategy
+
+            name = self.args.replay_strategy
+            kwargs = {}
+            if name in ("similarity", "kpig+similarity"):
+                kwargs = {"embedder": self.args.similarity_embedder, "aggregate": self.args.similarity_aggregate,
+                          "pools": self.instruction_pools}
+            self._replay_strategy = get_replay_strategy(name, **kwargs)
+        return self._replay_strategy
+
+    @functools.cached_property
+    def instruction_pools(self) -> dict[str, list[dict[str, Any]]] | None:
+        """Instruction pools of ``kpig diversify`` (``instruction_pools`` folder), read once."""
+        if not self.args.instruction_pools:
+            return None
+        from .diversity import load_pools
+
+        return load_pools(self.args.instruction_pools)
+
+    def replay_request(self, stage: int) -> ReplayRequest:
+        seen = self.stream.seen_before(stage)
+        return ReplayRequest(stage=stage, seen_tasks=seen, next_tasks=list(self.stream.stages[stage].tasks),
+                             candidates={t: self.stream.train[t] for t in seen},
+                             num_tasks=self.training_args.replay_tasks,
+                             num_instances=self.training_args.replay_instances, seed=self.training_args.seed,
+                             tasks=self.stream.tasks)
+
+    def _replay_callback(self, stage: int) -> ReplayCallback:
+        def record(choice: ReplayChoice) -> None:
+            self.state.replay[str(stage)] = choice.to_dict()
+            self._save_state()
+
+        return ReplayCallback(self.replay_strategy, self.replay_request(stage), self.collator(True),
+                              alpha=self.training_args.alpha, batch_size=self.args.eval_batch_size,
+                              on_choice=record, show_progress=not self.training_args.disable_tqdm)
+
+    def _replay_instances(self, stage: int) -> list[Instance]:
+        if stage == 0:
+            return []
+        if str(stage) not in self.state.replay:  # resumed between stages: choose now
+            self._replay_callback(stage).select(self.model)
+        by_id = {(i.task, i.id): i for t in self.stream.seen_before(stage) for i in self.stream.train[t]}
+        return [by_id[(task, iid)] for task, iid in self.state.replay[str(stage)]["instances"]]
+
+    def _run_stage(self, stage: int) -> None:
+        from datasets import Dataset
+
+        start = time.perf_counter()
+        instances = self.stream.stage_instances(stage) + self._replay_instances(stage)
+        logger.info("stage %d/%d (%s): %d instances", stage + 1, len(self.stream.stages),
+                    self.stream.stages[stage].name, len(instances))
+        args = dataclasses.replace(self.training_args, output_dir=str(self.dir.trainer_dir(stage)))
+        if not self.args.uses_jsd:
+            args.jsd_weight = 0.0
+        callbacks = list(self.callbacks)
+        if stage + 1 < len(self.stream.stages):
+            callbacks.append(self._replay_callback(stage + 1))
+        trainer_cls = RegularizedKPIGTrainer if self.args.method in ("l2", "ewc") else KPIGTrainer
+        trainer = trainer_cls(model=self.model, args=args, train_dataset=Dataset.from_list(_rows(instances)),
+                              processing_class=self.tokenizer, data_collator=self.collator(self.args.uses_jsd),
+                              callbacks=callbacks, use_previous_model=self.args.uses_jsd)
+        if trainer_cls is RegularizedKPIGTrainer:
+            trainer.anchor = self.extra.get("anchor")
+        trainer.train(resume_from_checkpoint=self.dir.last_trainer_checkpoint(stage))
+        trainer.release_previous_model()
+        self.model = trainer.model
+        self.state.timings[f"stage_{stage + 1}_train"] = time.perf_counter() - start
+
+        if self.args.method in ("l2", "ewc"):
+            self._update_anchor(trainer)
+        if self.args.evaluate:
+            began = time.perf_counter()
+            self.state.evaluation[str(stage + 1)] = self.evaluate_fn(self.model, self.tokenizer, self.stream, stage)
+            self.state.timings[f"stage_{stage + 1}_eval"] = time.perf_counter() - began
+        if self.training_args.process_index == 0:
+            self.dir.save_model(stage, self.model, self.tokenizer)
+            if self.extra:
+                torch.save(self.extra, self.dir.extra_path(stage))
+        self._barrier()
+        self.state.completed = stage + 1
+        self._save_state()
+        if self.training_args.process_index == 0:
+            self.dir.finish_stage(stage, self.args.keep_last_stages)
+        self._barrier()
+
+    def _update_anchor(self, trainer: KPIGTrainer) -> None:
+        importance = None
+        if self.args.method == "ewc":
+            batches = trainer.get_train_dataloader()
+            fisher = estimate_fisher(self.model, batches, max_batches=self.args.fisher_batches)
+            importance = merge_fisher(self.extra.get("fisher"), fisher, self.args.ewc_decay)
+            self.extra["fisher"] = importance
+        self.extra["anchor"] = ParameterAnchor(self.model, self.args.regularization_weight, importance).state_dict()
+
+
+class RegularizedKPIGTrainer(KPIGTrainer):
+    """``KPIGTrainer`` plus an L2 / EWC anchor (``anchor``: a ParameterAnchor state dict or None)."""
+
+    anchor: dict[str, Any] | None = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.anchor is None or not model.training:
+            return result
+        if not isinstance(self.anchor, ParameterAnchor):
+            self.anchor = ParameterAnchor.from_state_dict(self.anchor)
+        # compute_loss returns a loss already scaled for gradient accumulation; the penalty is
+        # added once per optimizer step, so each micro-batch carries its share.
+        penalty = self.anchor.penalty(self.accelerator.unwrap_model(model)) / self.args.gradient_accumulation_steps
+        if return_outputs:
+            loss, outputs = result
+            return loss + penalty, outputs
+        return result + penalty
+
+
+@torch.no_grad()
+def default_evaluation(model, tokenizer, stream: Stream, stage: int) -> dict[str, Any]:
+    """Mean response cross entropy of every seen and held-out task's test split."""
+    from .data.collator import KPIGDataCollator
+    from .losses import cross_entropy_loss
+
+    collator = KPIGDataCollator(tokenizer, with_masked=False)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    losses = {}
+    try:
+        for task in stream.seen + stream.held_out:
+            total, count = 0.0, 0
+            for start in range(0, len(stream.test[task]), 8):
+                batch = collator(stream.test[task][start:start + 8])
+                logits = model(input_ids=batch["input_ids"].to(device),
+                               attention_mask=batch["attention_mask"].to(device)).logits
+                labels = batch["labels"].to(device)
+                n = int((labels[:, 1:] != -100).sum())
+                total += cross_entropy_loss(logits, labels).item() * n
+                count += n
+            losses[task] = total / max(count, 1)
+    finally:
+        model.train(was_training)
+    return {"test_loss": losses}

@@ -1,0 +1,133 @@
+"""On-disk state of a continual run: ``state.json``, stage checkpoints, atomic writes.
+
+Layout of a run directory::
+
+    config.json                 the resolved configuration (continual + training arguments)
+    state.json                  stages completed, replay choices, IG tables, evaluation rows
+    stages/stage_01/model/      the model (or PEFT adapter) and tokenizer after stage 1
+    stages/stage_01/extra.pt    stage state that is not a model (regulariser anchor, Fisher)
+    stages/stage_02/trainer/    Trainer checkpoints inside a running stage (mid-stage resume)
+    logs/run.log                the run's log
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+STATE_VERSION = 1
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (never half-written)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+@dataclass
+class RunState:
+    """What a continual run has done so far.
+
+    Attributes:
+        fingerprint: hash of the settings that define the run's results; a resumed run must match.
+        stages: stage names, in order.
+        completed: number of stages whose training, evaluation and checkpoint are done.
+        replay: per stage index (as a string key), the replay choice used for that stage.
+        evaluation: per row key (``"init"``, ``"1"``, ``"2"``, ...), the evaluation after that stage.
+        timings: seconds spent per stage and phase.
+    """
+
+    fingerprint: str
+    stages: list[str]
+    completed: int = 0
+    replay: dict[str, Any] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    version: int = STATE_VERSION
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunState":
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        if data.get("version") != STATE_VERSION:
+            raise ValueError(f"{path}: state version {data.get('version')!r}, expected {STATE_VERSION}")
+        return cls(**data)
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_json(path, asdict(self))
+
+
+class RunDirectory:
+    """Paths and checkpoint housekeeping of one run directory."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    @property
+    def state_path(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.json"
+
+    def stage_dir(self, stage: int) -> Path:
+        """Folder of stage ``stage`` (0-based index; folders are numbered from 1)."""
+        return self.root / "stages" / f"stage_{stage + 1:02d}"
+
+    def model_dir(self, stage: int) -> Path:
+        return self.stage_dir(stage) / "model"
+
+    def trainer_dir(self, stage: int) -> Path:
+        return self.stage_dir(stage) / "trainer"
+
+    def extra_path(self, stage: int) -> Path:
+        return self.stage_dir(stage) / "extra.pt"
+
+    def last_trainer_checkpoint(self, stage: int) -> str | None:
+        """The newest complete Trainer checkpoint inside a stage, if any."""
+        from transformers.trainer_utils import get_last_checkpoint
+
+        folder = self.trainer_dir(stage)
+        return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+    def save_model(self, stage: int, model, tokenizer) -> Path:
+        """Save model (or adapter) and tokenizer into a temp folder, then rename into place."""
+        final = self.model_dir(stage)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=final.parent))
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return final
+
+    def finish_stage(self, stage: int, keep_last: int) -> None:
+        """Drop the stage's mid-stage Trainer checkpoints and stage models older than ``keep_last``."""
+        shutil.rmtree(self.trainer_dir(stage), ignore_errors=True)
+        if keep_last > 0:
+            for old in range(0, stage + 1 - keep_last):
+                shutil.rmtree(self.model_dir(old), ignore_errors=True)
