@@ -27,9 +27,9 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not distributed"
 
-# The main job. Until the continual loop lands it prints the demo stream.
+# The main job: a continual run of the CPU demo recipe (resumes when rerun).
 demo: install
-	$(PY) -m kpig_trainer.data summary --benchmark demo
+	$(VENV)/bin/accelerate launch --config_file recipes/accelerate/cpu.yaml examples/cit.py
 
 summary: install
 	$(PY) -m kpig_trainer.data summary --benchmark demo

@@ -11,8 +11,9 @@ For each model (the tiny random Llama; SmolLM2-135M-Instruct unless ``--quick``)
   forward+backward on the full instance, student forward+backward on the masked twin, and the
   teacher forward on the masked twin (``copy``, ``adapter``) or the cache lookup (``cached``) --
   with the trainer's own logits setting. ``KPIG step / floor`` is the trainer's overhead;
-* **peak memory**: the RSS high-water mark (``resource.getrusage``) of a fresh subprocess per
-  configuration that runs ``trainer.train()`` for a few steps with AdamW.
+* **peak memory**: the RSS high-water mark (``VmHWM``; ``getrusage`` where there is no
+  ``/proc``) of a fresh subprocess per configuration that runs ``trainer.train()`` for a few
+  steps with AdamW.
 
 Usage::
 
@@ -222,12 +223,21 @@ def time_model(model_name: str, warmup: int, repeats: int, n_batches: int) -> di
         "fb_masked_all_logits": fwd_bwd(full_model, "masked", False),
         "teacher_fwd_all_logits": teacher_fwd(teacher, False),
     }
+    # Each KPIG step is timed next to its baseline and its floor passes, so that the per-round
+    # ratios compare measurements taken under the same machine load.
+    order = [
+        "step:sft", "step:copy", "pass:fb_full", "pass:fb_masked", "pass:teacher_fwd",
+        "step:cached", "pass:cache_lookup", "step:copy-separate", "step:copy-fused",
+        "step:sft-lora", "step:adapter", "pass:fb_full_lora", "pass:fb_masked_lora", "pass:teacher_fwd_lora",
+        "step:copy-all-logits", "pass:fb_full_all_logits", "pass:fb_masked_all_logits", "pass:teacher_fwd_all_logits",
+    ]
     jobs = {f"step:{name}": step(name) for name in CONFIGS} | {f"pass:{k}": v for k, v in passes.items()}
-    samples = {key: [] for key in jobs}
+    assert sorted(order) == sorted(jobs)
+    samples = {key: [] for key in order}
     for r in range(warmup + repeats):
         batch = batches[r % n_batches]
-        for key, job in jobs.items():
-            seconds = job(batch)
+        for key in order:
+            seconds = jobs[key](batch)
             if r >= warmup:
                 samples[key].append(seconds)
         print(f"[{model_name}] round {r + 1}/{warmup + repeats} done", file=sys.stderr, flush=True)
@@ -271,8 +281,23 @@ def memory_worker(model_name: str, name: str, steps: int, threads: int) -> None:
         trainer = build_trainer(name, base, tokenizer, rows, workdir, max_steps=steps)
         del base
         trainer.train()
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    print(json.dumps({"config": name, "peak_rss_mib": peak_kib / 1024}))
+    print(json.dumps({"config": name, "peak_rss_mib": peak_rss_mib()}))
+
+
+def peak_rss_mib() -> float:
+    """This process's RSS high-water mark.
+
+    ``VmHWM`` of ``/proc/self/status`` where available: ``getrusage``'s ``ru_maxrss`` survives
+    ``exec`` on Linux, so a worker started by a large parent would report the parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def measure_memory(model_name: str, steps: int, threads: int, names=None) -> dict:
@@ -294,19 +319,22 @@ def measure_memory(model_name: str, steps: int, threads: int, names=None) -> dic
 
 
 def summarise(timing: dict, peaks: dict) -> dict:
-    median = timing["median_s"]
-    floor = floors(median)
+    """Median step times, and medians of the per-round ratios (step / baseline step, step / floor
+    of the same round)."""
+    samples = timing["samples_s"]
+    rounds = len(samples["step:sft"])
+    per_round_floors = [floors({k: v[i] for k, v in samples.items()}) for i in range(rounds)]
     rows = {}
     for name, spec in CONFIGS.items():
-        step = median[f"step:{name}"]
-        row = {"step_s": step, "peak_rss_mib": peaks.get(name)}
+        steps = samples[f"step:{name}"]
+        row = {"step_s": statistics.median(steps), "peak_rss_mib": peaks.get(name)}
         if spec["kind"] == "kpig":
             baseline = spec["baseline"]
             row.update(
                 baseline=baseline,
-                vs_sft=step / median[f"step:{baseline}"],
-                floor_s=floor[name],
-                vs_floor=step / floor[name],
+                vs_sft=statistics.median(s / b for s, b in zip(steps, samples[f"step:{baseline}"])),
+                floor_s=statistics.median(f[name] for f in per_round_floors),
+                vs_floor=statistics.median(s / f[name] for s, f in zip(steps, per_round_floors)),
                 memory_vs_sft=(peaks[name] / peaks[baseline]) if peaks else None,
             )
         rows[name] = row
@@ -319,9 +347,12 @@ def markdown(results: dict) -> str:
         "",
         f"Machine: {results['machine']}; torch threads: {results['threads']}; "
         f"{results['warmup']} warm-up + {results['repeats']} timed steps per configuration, round-robin; "
-        f"peak RSS after {results['memory_steps']} steps of `trainer.train()` (AdamW) in a fresh process.",
+        f"peak RSS (`VmHWM`) of a fresh process per configuration that runs {results['memory_steps']} steps of "
+        "`trainer.train()` (AdamW).",
         "",
-        "A step is `Trainer.training_step` (forward, loss, backward). The floor of a mode is the sum of "
+        "A step is `Trainer.training_step` (forward, loss, backward). Times are medians; ratios are "
+        "medians of per-round ratios (each KPIG step is timed next to its baseline step and its floor "
+        "passes, so that a ratio compares timings taken under the same machine load). The floor of a mode is the sum of "
         "the passes a KPIG step cannot avoid, timed alone: student forward+backward on the full "
         "instance and on the masked twin, teacher forward on the masked twin (or the cache lookup). "
         "`sft` is a plain `transformers.Trainer`; `adapter` is compared with `sft-lora` (LoRA r=16, all "
@@ -370,6 +401,7 @@ def main(argv=None) -> None:
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--no-timing", action="store_true")
     parser.add_argument("--memory-configs", nargs="+", default=None, help="with --no-timing: configs to measure")
+    parser.add_argument("--reuse-timing", default=None, help="JSON of an earlier run: keep its timings, measure memory")
     parser.add_argument("--out", default=None, help="output stem (default benchmarks/results/step_cost_cpu)")
     parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model", default="tiny", help=argparse.SUPPRESS)
@@ -390,11 +422,18 @@ def main(argv=None) -> None:
         "threads": args.threads, "warmup": warmup, "repeats": repeats, "memory_steps": memory_steps,
         "models": {},
     }
+    earlier = json.loads(Path(args.reuse_timing).read_text()) if args.reuse_timing else None
+    if earlier:
+        results.update({k: earlier[k] for k in ("machine", "threads", "warmup", "repeats")})
     for model_name in models:
-        timing = None if args.no_timing else time_model(model_name, warmup, repeats, args.batches)
+        # Memory first, while this process is still small (the workers are fresh processes).
         peaks = {} if args.no_memory else measure_memory(
             model_name, memory_steps, args.threads, args.memory_configs if args.no_timing else None
         )
+        if earlier:
+            timing = {k: earlier["models"][model_name][k] for k in ("median_s", "samples_s", "batch")}
+        else:
+            timing = None if args.no_timing else time_model(model_name, warmup, repeats, args.batches)
         if timing is None:
             print(json.dumps(peaks, indent=2))
             continue

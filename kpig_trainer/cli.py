@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .selection_cli import register_cli as register_selection
 
     register_selection(commands)
+    from .evaluation.cli import register_cli as register_evaluation
+
+    register_evaluation(commands)
     return parser
 
 

@@ -24,7 +24,6 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -35,7 +34,8 @@ from .data import Instance, Stream, load_benchmark, load_tasks
 from .data.records import DataError
 from .regularizers import ParameterAnchor, estimate_fisher, merge_fisher
 from .replay import ReplayChoice, ReplayRequest
-from .run_state import RunDirectory, RunState, atomic_write_json
+from .fileio import atomic_write_json
+from .run_state import RunDirectory, RunState
 from .trainer import KPIGTrainer
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class ContinualArguments:
     order: str = field(default="ST", metadata={"help": "Stream order: ST (one task per stage) or SC (one category per stage)."})
     stage_order: str = field(default="given", metadata={"help": "Stage order: given, or shuffle (seeded)."})
     max_stages: int | None = field(default=None, metadata={"help": "Train only the first this many stages."})
+    max_held_out_tasks: int | None = field(default=None, metadata={"help": "Evaluate only the first this many held-out tasks."})
     max_train_instances: int | None = field(default=None, metadata={"help": "Cap of train instances per task (default: the benchmark's)."})
     max_test_instances: int | None = field(default=None, metadata={"help": "Cap of test instances per task (default: the benchmark's)."})
     test_size: float = field(default=0.2, metadata={"help": "Test instances per seen task: a fraction (<1) or a count."})
@@ -78,6 +79,8 @@ class ContinualArguments:
     instruction_pools: str | None = field(default=None, metadata={"help": "Folder of instruction pools from `kpig diversify`; instances sample their instruction from it."})
     keep_last_stages: int = field(default=2, metadata={"help": "Stage checkpoints to keep (0: keep all)."})
     evaluate: bool = field(default=True, metadata={"help": "Evaluate every seen and held-out task after each stage."})
+    evaluation: str = field(default="generate", metadata={"help": "generate: answers scored with P-score / V-score (the continual-learning matrix and report); loss: test-split cross entropy only (fast)."})
+    eval_ig: bool = field(default=True, metadata={"help": "Also measure the mean information gain of every task's test instances after each stage."})
     eval_batch_size: int = field(default=8, metadata={"help": "Batch size of evaluation."})
     held_out_demonstrations: int = field(default=2, metadata={"help": "Positive demonstrations in the prompt of held-out tasks (the paper: 2)."})
 
@@ -88,6 +91,8 @@ class ContinualArguments:
             self.use_peft = True
         if self.replay_strategy is None:
             self.replay_strategy = "kpig" if self.method == "kpig" else "none"
+        if self.evaluation not in ("generate", "loss"):
+            raise ValueError(f"evaluation must be 'generate' or 'loss', got {self.evaluation!r}")
 
     @property
     def uses_jsd(self) -> bool:
@@ -118,6 +123,11 @@ def load_stream(args: ContinualArguments, seed: int) -> Stream:
         stream = dataclasses.replace(stream, stages=kept, seen=trained,
                                      train={t: stream.train[t] for t in trained},
                                      test={t: stream.test[t] for t in trained + stream.held_out})
+    if args.max_held_out_tasks is not None:
+        kept = stream.held_out[: args.max_held_out_tasks]
+        dropped = set(stream.held_out) - set(kept)
+        stream = dataclasses.replace(stream, held_out=kept, test={t: v for t, v in stream.test.items() if t not in dropped},
+                                     tasks={t: v for t, v in stream.tasks.items() if t not in dropped})
     if args.method == "multi":
         from .data import Stage
 
@@ -137,7 +147,8 @@ class ContinualRunner:
         args: what to run.
         training_args: the per-stage training configuration; ``output_dir`` is the run directory.
         evaluate_fn: ``(model, tokenizer, stream, stage_index) -> dict`` scoring the model after a
-            stage (``stage_index=-1``: before training); default: :func:`default_evaluation`.
+            stage (``stage_index=-1``: before training); default: generation with P/V-scores
+            (:meth:`generation_evaluation`), or :func:`loss_evaluation` with ``evaluation="loss"``.
         callbacks: extra ``TrainerCallback``s added to every stage's trainer.
     """
 
@@ -147,7 +158,7 @@ class ContinualRunner:
         self.training_args = training_args
         self.dir = RunDirectory(training_args.output_dir)
         self.stream = load_stream(args, training_args.seed)
-        self.evaluate_fn = evaluate_fn or default_evaluation
+        self.evaluate_fn = evaluate_fn or (loss_evaluation if args.evaluation == "loss" else self.generation_evaluation)
         self.callbacks = list(callbacks or [])
         self.state = self._load_or_create_state()
         self.model = self.tokenizer = None
@@ -226,6 +237,7 @@ class ContinualRunner:
         if self.args.evaluate and "init" not in self.state.evaluation:
             self.state.evaluation["init"] = self.evaluate_fn(self.model, self.tokenizer, self.stream, -1)
             self._save_state()
+            self.write_report()
         if self.args.method == "init":
             return self.state
         for stage in range(self.state.completed, len(self.stream.stages)):
@@ -317,9 +329,51 @@ class ContinualRunner:
         self._barrier()
         self.state.completed = stage + 1
         self._save_state()
+        self.write_report()
         if self.training_args.process_index == 0:
             self.dir.finish_stage(stage, self.args.keep_last_stages)
         self._barrier()
+
+    def generation_evaluation(self, model, tokenizer, stream: Stream, stage: int) -> dict[str, Any]:
+        """Generate and score every seen and held-out task (one row of the matrix).
+
+        The predictions go to ``predictions/<row>.json`` in the run directory; the returned
+        entry (kept in ``state.json``) holds scores, IG, timings and settings.
+        """
+        from .evaluation.evaluate import evaluate_stream_stage
+
+        result = evaluate_stream_stage(
+            model, tokenizer, stream, None if stage < 0 else stage, batch_size=self.args.eval_batch_size,
+            held_out_demonstrations=self.args.held_out_demonstrations, compute_ig=self.args.eval_ig,
+            alpha=self.training_args.alpha, mask_token=self.training_args.mask_token,
+            show_progress=not self.training_args.disable_tqdm)
+        entry = result.to_dict()
+        predictions = entry.pop("predictions")
+        if self.training_args.process_index == 0:
+            key = "init" if stage < 0 else f"stage_{stage + 1:02d}"
+            atomic_write_json(self.dir.root / "predictions" / f"{key}.json", predictions)
+        return entry
+
+    def write_report(self) -> None:
+        """``report.json``, ``report.md`` and plots of the run so far (generation evaluation only)."""
+        if self.training_args.process_index != 0 or not self.state.evaluation:
+            return
+        if any("scores" not in entry for entry in self.state.evaluation.values()):
+            return  # loss evaluation: no P/V-scores to report
+        from .evaluation.evaluate import EvalResult
+        from .evaluation.matrix import ContinualMatrix
+        from .evaluation.report import write_report
+
+        matrix = ContinualMatrix.from_stream(self.stream)
+        last = None
+        for key, entry in self.state.evaluation.items():
+            last = EvalResult.from_dict({**entry, "predictions": {}})
+            matrix.record(None if key == "init" else int(key) - 1, last)
+        config = {"name": self.dir.root.name, "continual": dataclasses.asdict(self.args),
+                  "training": self.training_args.to_dict(), "stages": [list(s.tasks) for s in self.stream.stages],
+                  "replay": self.state.replay}
+        write_report(self.dir.root, matrix, config, final=last, name=f"{self.args.method} ({self.dir.root.name})",
+                     timings=self.state.timings)
 
     def _update_anchor(self, trainer: KPIGTrainer) -> None:
         importance = None
@@ -352,7 +406,7 @@ class RegularizedKPIGTrainer(KPIGTrainer):
 
 
 @torch.no_grad()
-def default_evaluation(model, tokenizer, stream: Stream, stage: int) -> dict[str, Any]:
+def loss_evaluation(model, tokenizer, stream: Stream, stage: int) -> dict[str, Any]:
     """Mean response cross entropy of every seen and held-out task's test split."""
     from .data.collator import KPIGDataCollator
     from .losses import cross_entropy_loss

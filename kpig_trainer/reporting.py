@@ -8,22 +8,24 @@ from .data.summary import format_table
 from .run_state import RunState
 
 
-def _fmt(value: Any) -> str:
-    return "-" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value)
+def _fmt(value: Any, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
 def stage_row(key: str, evaluation: dict[str, Any]) -> dict[str, Any]:
     """One table row from an evaluation entry (P/V-scores when present, else mean test loss)."""
     row: dict[str, Any] = {"after": "start" if key == "init" else f"stage {key}"}
-    if "seen" in evaluation or "held_out" in evaluation:
-        for group in ("seen", "held_out"):
-            summary = evaluation.get(group) or {}
-            row[f"{group} P"] = _fmt(summary.get("p_score"))
-            row[f"{group} V"] = _fmt(summary.get("v_score"))
-        row["mean IG"] = _fmt(evaluation.get("mean_ig"))
+    if "scores" in evaluation:
+        from .evaluation.evaluate import EvalResult
+
+        summary = EvalResult.from_dict({**evaluation, "predictions": {}}).summary()
+        for group, label in (("seen", "seen"), ("held_out", "held-out")):
+            row[f"{label} P"] = _fmt(summary[group].get("p_score"))
+            row[f"{label} V"] = _fmt(summary[group].get("v_score"))
+        row["mean IG"] = _fmt(summary["all"].get("ig"), digits=4)
     elif "test_loss" in evaluation:
         losses = list(evaluation["test_loss"].values())
-        row["mean test loss"] = _fmt(sum(losses) / len(losses) if losses else None)
+        row["mean test loss"] = _fmt(sum(losses) / len(losses) if losses else None, digits=3)
     return row
 
 

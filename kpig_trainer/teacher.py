@@ -23,6 +23,7 @@ and the stage loop calls ``KPIGTrainer.snapshot_previous_model()`` at each stage
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import logging
 import os
@@ -137,7 +138,7 @@ class TwinBatch:
             )
         full = Twin.from_tensors(inputs["input_ids"], inputs["attention_mask"], inputs["labels"], response_only)
         masked = None
-        if "masked_input_ids" in inputs:
+        if need_masked:
             masked = Twin.from_tensors(
                 inputs["masked_input_ids"], inputs["masked_attention_mask"], inputs["masked_labels"], response_only
             )
@@ -202,8 +203,6 @@ def forward_twins(
 
 def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     """Whether the (unwrapped) model's ``forward`` takes ``logits_to_keep``."""
-    import inspect
-
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
         return "logits_to_keep" in inspect.signature(inner.forward).parameters
@@ -304,7 +303,8 @@ class FrozenCopy(PreviousModel):
             self.model = accelerator.prepare_model(teacher, evaluation_mode=True)
 
     def targets(self, batch, jsd_twin, with_info_gain, strict=True):
-        self.model.eval()
+        if self.model.training:  # frozen in eval mode; guard against an outside .train()
+            self.model.eval()
         return self._exact_targets(self.model, batch, jsd_twin, with_info_gain)
 
     def release(self) -> None:
@@ -317,34 +317,31 @@ class AdapterSnapshot(PreviousModel):
     mode = "adapter"
 
     def __init__(self, trainer: KPIGTrainer):
+        from peft import PeftModel
+
         super().__init__(trainer)
-        peft_model = self._peft_model()
-        config = peft_model.peft_config[peft_model.active_adapter]
+        # The PeftModel itself: a DDP / DeepSpeed wrapper added later wraps this same object.
+        self.model = trainer.accelerator.unwrap_model(trainer.model)
+        if not isinstance(self.model, PeftModel):
+            raise ValueError(
+                "previous_model='adapter' needs a PEFT model: pass peft_config= to KPIGTrainer or a "
+                "peft.PeftModel; for full fine-tuning use previous_model='copy' or 'cached'"
+            )
+        config = self.model.peft_config[self.model.active_adapter]
         if config.is_prompt_learning or config.is_adaption_prompt:
             raise ValueError(
                 "previous_model='adapter' needs a tuner adapter such as LoRA; "
                 f"{type(config).__name__} is not supported (use previous_model='copy')"
             )
 
-    def _peft_model(self):
-        from peft import PeftModel
-
-        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
-        if not isinstance(model, PeftModel):
-            raise ValueError(
-                "previous_model='adapter' needs a PEFT model: pass peft_config= to KPIGTrainer or a "
-                "peft.PeftModel; for full fine-tuning use previous_model='copy' or 'cached'"
-            )
-        return model
-
     @property
     def ready(self) -> bool:
-        return PREVIOUS_ADAPTER in self._peft_model().peft_config
+        return PREVIOUS_ADAPTER in self.model.peft_config
 
     def snapshot(self) -> None:
         from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
-        model = self._peft_model()
+        model = self.model
         active = model.active_adapter
         if active == PREVIOUS_ADAPTER:
             raise RuntimeError(f"the training adapter must not be {PREVIOUS_ADAPTER!r}")
@@ -367,7 +364,7 @@ class AdapterSnapshot(PreviousModel):
         """Run the model as the previous model: frozen adapter active, eval mode. Restores the
         training adapter, the ``requires_grad`` flags and the train/eval mode on exit, also when
         the body raises."""
-        model = self._peft_model()
+        model = self.model
         training_adapter = model.active_adapter
         flags = [(p, p.requires_grad) for p in model.parameters()]
         was_training = model.training
@@ -386,9 +383,8 @@ class AdapterSnapshot(PreviousModel):
             return self._exact_targets(teacher, batch, jsd_twin, with_info_gain)
 
     def release(self) -> None:
-        model = self._peft_model()
-        if PREVIOUS_ADAPTER in model.peft_config:
-            model.delete_adapter(PREVIOUS_ADAPTER)
+        if PREVIOUS_ADAPTER in self.model.peft_config:
+            self.model.delete_adapter(PREVIOUS_ADAPTER)
 
 
 def _in_adapter(param_name: str, adapter: str) -> bool:

@@ -37,7 +37,8 @@ def tiny_cache(tmp_path_factory, monkeypatch):
 
 def make_runner(data_dir, out, method="kpig", callbacks=None, evaluate_fn=None, **overrides):
     continual = dict(model_name_or_path="tiny-llama", tasks=str(data_dir / "tasks.jsonl"),
-                     splits=str(data_dir / "splits.json"), method=method, test_size=4, keep_last_stages=2)
+                     splits=str(data_dir / "splits.json"), method=method, test_size=4, keep_last_stages=2,
+                     evaluation="loss")
     training = dict(output_dir=str(out), per_device_train_batch_size=4, num_train_epochs=1, learning_rate=5e-3,
                     report_to=[], use_cpu=True, save_strategy="no", logging_steps=1,
                     disable_tqdm=True, seed=0, replay_tasks=1, replay_instances=2, max_length=128)
@@ -169,3 +170,22 @@ def test_similarity_replay_equals_a_direct_selection(data_dir, tmp_path):
     assert state.replay["2"]["tasks"] == [direct[0][0]]
     assert state.replay["2"]["scores"][direct[0][0]] == pytest.approx(direct[0][1], abs=1e-6)
     assert state.replay["1"]["tasks"] == ["alpha_task"]
+
+
+def test_generation_evaluation_fills_the_matrix_and_the_report(data_dir, tmp_path):
+    from kpig_trainer.evaluation.report import read_report
+    from kpig_trainer.reporting import stage_table
+
+    state = make_runner(data_dir, tmp_path / "gen", method="sft", evaluation="generate", eval_ig=True).run()
+    assert set(state.evaluation) == {"init", "1", "2", "3"}
+    assert set(state.evaluation["2"]["scores"]) == set(TASKS)
+    assert all(v is not None for v in state.evaluation["3"]["ig"].values())
+    report = read_report(tmp_path / "gen")
+    assert report["kind"] == "continual"
+    assert [r["label"] for r in report["matrix"]["rows"]] == ["stage 1", "stage 2", "stage 3"]
+    assert (tmp_path / "gen" / "report.md").exists() and report["plots"]
+    predictions = json.loads((tmp_path / "gen" / "predictions" / "stage_03.json").read_text())
+    assert set(predictions) == set(TASKS)
+    assert len(predictions["held_task"]) == 12 and len(predictions["alpha_task"]) == 4  # held-out: every instance
+    table = stage_table(state)
+    assert "seen P" in table and "held-out V" in table and "alpha_task" in table

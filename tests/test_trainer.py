@@ -570,6 +570,17 @@ def test_eval_logs_kpig_metrics(base, tmp_path):
     assert metrics["eval_loss"] == pytest.approx(metrics["eval_ce"] + 0.02 * metrics["eval_jsd"], rel=1e-4)
 
 
+def test_cached_eval_outside_the_cache_gets_no_jsd(base, tmp_path, caplog):
+    trainer = make_trainer(base, tmp_path, previous_model="cached", train_dataset=ROWS[:8], max_steps=1)
+    trainer.train()
+    with caplog.at_level(logging.INFO, logger="kpig_trainer.trainer"):
+        outside = trainer.evaluate(ROWS[8:12])
+        inside = trainer.evaluate(ROWS[:4])
+    assert outside["eval_jsd"] == 0.0 and outside["eval_loss"] == pytest.approx(outside["eval_ce"], rel=1e-5)
+    assert inside["eval_jsd"] > 0
+    assert sum("outside the teacher cache" in r.message for r in caplog.records) == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # Construction
 # ---------------------------------------------------------------------------------------------

@@ -175,8 +175,11 @@ def _run_probes(args, model, tokenizer, tasks, instances) -> dict[str, Any]:
     for name, task_instances in instances.items():
         if (PROBE_DIR / f"{name}.json").exists():
             logger.info("running the half-listening probes of %s", name)
-            found[name] = run_probe(model, tokenizer, tasks[name], task_instances, batch_size=args.batch_size,
-                                    compute_ig=True, alpha=args.alpha, system_prompt=args.system_prompt)
+            found[name] = run_probe(
+                model, tokenizer, tasks[name], task_instances, batch_size=args.batch_size,
+                max_new_tokens=args.max_new_tokens, compute_ig=True, alpha=args.alpha,
+                system_prompt=args.system_prompt, show_progress=not args.no_progress,
+            )
     if not found:
         logger.warning("--probes: none of the evaluated tasks has a probe in %s", PROBE_DIR)
     return found
@@ -184,7 +187,8 @@ def _run_probes(args, model, tokenizer, tasks, instances) -> dict[str, Any]:
 
 def run_compare(args: argparse.Namespace) -> int:
     """Run ``kpig compare``; returns the exit status."""
-    from .report import atomic_write_text, compare_markdown, read_report
+    from ..fileio import atomic_write_text
+    from .report import compare_markdown, read_report
 
     if args.names and len(args.names) != len(args.runs):
         print(f"error: {len(args.runs)} runs but {len(args.names)} --names", file=sys.stderr)

@@ -137,6 +137,7 @@ def information_gains(
     mask_token: str = "[MASK]",
     system_prompt: str | None = None,
     max_length: int | None = None,
+    show_progress: bool = False,
 ) -> list[float | None]:
     """Information gain of each instance on its first reference output (no gradients).
 
@@ -145,6 +146,7 @@ def information_gains(
     :func:`kpig_trainer.info_gain.information_gain`. No demonstrations are in the context,
     also for held-out tasks, so IG measures the instruction's key parts alone. An instance
     without key parts gets None (its twins are identical: IG would be 0 by construction).
+    ``show_progress`` shows a ``tqdm`` bar.
     """
     from ..data.collator import KPIGDataCollator
     from ..info_gain import information_gain
@@ -156,12 +158,16 @@ def information_gains(
     scored = [k for k, instance in enumerate(instances) if instance.key_parts]
     # Similar lengths together: less padding in each forward.
     scored.sort(key=lambda k: len(instances[k].instruction) + len(instances[k].input) + len(instances[k].output))
-    for start in range(0, len(scored), batch_size):
-        rows = scored[start:start + batch_size]
-        batch = collator([instances[k] for k in rows])
-        gains = information_gain(model, batch, alpha)
-        for k, gain in zip(rows, gains.tolist()):
-            result[k] = float(gain)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(scored), desc="information gain", unit="instance", disable=not show_progress) as bar:
+        for start in range(0, len(scored), batch_size):
+            rows = scored[start:start + batch_size]
+            batch = collator([instances[k] for k in rows])
+            gains = information_gain(model, batch, alpha)
+            for k, gain in zip(rows, gains.tolist()):
+                result[k] = float(gain)
+            bar.update(len(rows))
     return result
 
 
@@ -254,7 +260,7 @@ def evaluate_tasks(
     if compute_ig:
         gains = information_gains(
             model, tokenizer, flat, alpha=alpha, batch_size=ig_batch_size or batch_size,
-            mask_token=mask_token, system_prompt=system_prompt,
+            mask_token=mask_token, system_prompt=system_prompt, show_progress=show_progress,
         )
         offset = 0
         for name in names:

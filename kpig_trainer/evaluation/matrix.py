@@ -310,7 +310,7 @@ class ContinualMatrix:
 
     def save(self, path: str | Path) -> Path:
         """Write the JSON atomically (temp file, then rename)."""
-        from .report import atomic_write_text
+        from ..fileio import atomic_write_text
 
         return atomic_write_text(path, json.dumps(_finite(self.to_dict()), indent=2) + "\n")
 

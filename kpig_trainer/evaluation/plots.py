@@ -8,10 +8,10 @@ Every file is written to a temporary name, then renamed into place.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+from ..fileio import atomic_write
 
 __all__ = ["plot_heatmap", "plot_ig_over_stages", "plot_scores_over_stages", "plot_task_scores", "write_plots"]
 
@@ -26,25 +26,7 @@ def _figure(width: float, height: float):
 
 
 def _save(figure, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(handle)
-    try:
-        figure.savefig(tmp, format="png", bbox_inches="tight")
-        _readable(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _readable(path: str) -> None:
-    """Give a temporary file (mkstemp makes it 0600) the mode a plain ``open`` would."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    return atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", bbox_inches="tight"))
 
 
 def _short(task: str, width: int = 38) -> str:
@@ -67,19 +49,20 @@ def plot_heatmap(
     n_seen: int | None = None,
     vmin: float = 0.0,
     vmax: float = 100.0,
+    ylabel: str = "evaluated after",
 ) -> Path:
     """Stage x task heatmap, each cell annotated; missing cells blank. ``n_seen`` draws a
-    line between the seen and the held-out columns."""
+    line between the seen and the held-out columns; ``ylabel`` names the rows."""
     import numpy as np
 
     data = np.array([[_number(v) for v in row] for row in values], dtype=float).reshape(len(row_labels), len(tasks))
     figure = _figure(max(6.0, 0.42 * len(tasks) + 2.5), max(2.6, 0.45 * len(row_labels) + 2.4))
     axes = figure.add_subplot()
     image = axes.imshow(np.ma.masked_invalid(data), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
-    axes.set_xticks(range(len(tasks)), [_short(t) for t in tasks], rotation=60, ha="right", fontsize=7)
+    axes.set_xticks(range(len(tasks)), [_short(t, 46) for t in tasks], rotation=60, ha="right", fontsize=7)
     axes.set_yticks(range(len(row_labels)), row_labels, fontsize=8)
     axes.set_xlabel("task")
-    axes.set_ylabel("evaluated after")
+    axes.set_ylabel(ylabel)
     if n_seen is not None and 0 < n_seen < len(tasks):
         axes.axvline(n_seen - 0.5, color="white", linewidth=2)
         title += "\n(left of the white line: seen tasks; right: held-out tasks)"
@@ -87,9 +70,10 @@ def plot_heatmap(
     if data.size <= 1200:
         for (r, c), value in np.ndenumerate(data):
             if not math.isnan(value):
-                shade = (value - vmin) / (vmax - vmin or 1)
+                red, green, blue, _ = image.cmap(image.norm(value))  # the cell's colour decides the ink
+                light = 0.299 * red + 0.587 * green + 0.114 * blue > 0.5
                 axes.text(c, r, f"{value:.0f}", ha="center", va="center", fontsize=7,
-                          color="black" if shade > 0.6 else "white")
+                          color="black" if light else "white")
     figure.colorbar(image, ax=axes, label=colorbar_label, fraction=0.04)
     return _save(figure, path)
 
@@ -204,7 +188,7 @@ def write_plots(out_dir: str | Path, report: Mapping[str, Any]) -> list[str]:
             ("v_score", "heatmap_vscore.png", "V-score per task", "V-score (0-100)", "magma_r"),
         ):
             plot_heatmap(out_dir / name, [label], tasks, [[r.get(key) for r in ordered]], title=title,
-                         colorbar_label=clabel, cmap=cmap, n_seen=n_seen)
+                         colorbar_label=clabel, cmap=cmap, n_seen=n_seen, ylabel="model")
             written.append(name)
         plot_task_scores(out_dir / "task_scores.png", ordered, title=f"Per-task scores: {label}")
         written.append("task_scores.png")

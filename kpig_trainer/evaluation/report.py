@@ -37,17 +37,16 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-import os
 import platform
-import tempfile
 from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from ..fileio import atomic_write_text
+
 __all__ = [
     "SCHEMA",
-    "atomic_write_text",
     "build_report",
     "compare_markdown",
     "read_report",
@@ -58,29 +57,6 @@ __all__ = [
 
 SCHEMA = "kpig-report/1"
 _GROUPS = ("seen", "held_out")
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and a rename,
-    so a reader never sees a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        _readable(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _readable(path: str) -> None:
-    umask = os.umask(0)  # mkstemp makes the file 0600; give it the mode a plain open() would
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 def _finite(value: Any) -> Any:
