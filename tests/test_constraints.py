@@ -245,3 +245,16 @@ def test_as_constraints_adapts_mappings_and_objects():
 def test_as_constraints_rejects_bad_annotations(bad, message):
     with pytest.raises(ValueError, match=message):
         as_constraints(bad)
+
+
+def test_the_papers_example_differs_in_wfr_not_in_rouge1():
+    # Section 3.4: against the reference [1, 2], "{[1, 2, 3]}" and "[1, 2, 3]" have the same
+    # ROUGE-1, but only the second is the one-dimensional list the instruction asks for.
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1"])
+    braced, plain = "{[1, 2, 3]}", "[1, 2, 3]"
+    assert scorer.score("[1, 2]", braced)["rouge1"].fmeasure == scorer.score("[1, 2]", plain)["rouge1"].fmeasure
+    list_task = task("Match", format="List", format_spec={"type": "list"})
+    assert is_wrong_format(braced, list_task) is True
+    assert is_wrong_format(plain, list_task) is False

@@ -16,6 +16,7 @@ class FakeEndpoint:
     def __init__(self):
         self.requests = []
         self.reject = False
+        self.script = []  # per-request overrides, consumed in order: ("status", code) | ("reply", text) | ("raw", bytes) | ("sleep", s)
         endpoint = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -25,11 +26,22 @@ class FakeEndpoint:
                 endpoint.requests.append({"path": self.path, "body": body, "auth": auth})
                 if endpoint.reject:
                     return self._send(401, {"error": {"message": "bad key", "type": "invalid_request_error"}})
+                action = endpoint.script.pop(0) if endpoint.script else None
+                if action and action[0] == "status":
+                    return self._send(action[1], {"error": {"message": "scripted"}}, {"retry-after-ms": "10"})
+                if action and action[0] == "raw":
+                    return self._send_bytes(200, action[1])
+                if action and action[0] == "sleep":
+                    import time
+
+                    time.sleep(action[1])
                 if self.path != "/v1/chat/completions":
                     return self._send(404, {"error": {"message": "not found"}})
                 question = body["messages"][-1]["content"]
                 answer = question.split("Answer to grade:", 1)[1]
                 reply = "Yes." if "GOOD" in answer else "No, it is not."
+                if action and action[0] == "reply":
+                    reply = action[1]
                 self._send(200, {
                     "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
                     "choices": [{"index": 0, "finish_reason": "stop",
@@ -37,9 +49,13 @@ class FakeEndpoint:
                     "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
                 })  # fmt: skip
 
-            def _send(self, status, payload):
-                data = json.dumps(payload).encode()
+            def _send(self, status, payload, headers=None):
+                self._send_bytes(status, json.dumps(payload).encode(), headers)
+
+            def _send_bytes(self, status, data, headers=None):
                 self.send_response(status)
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -159,3 +175,30 @@ def test_score_example_and_task_use_an_available_judge(endpoint):
 )
 def test_parse_verdict(reply, verdict):
     assert parse_verdict(reply) is verdict
+
+
+def test_429_then_success_is_retried(endpoint):
+    endpoint.script = [("status", 429), ("status", 503)]
+    judge = make_judge(endpoint, max_retries=2)
+    assert judge.judge("Say hi.", "", "GOOD hi") == 1.0
+    assert len(endpoint.requests) == 3
+    endpoint.script = [("status", 429)]
+    with pytest.raises(JudgeError, match="failed"):
+        make_judge(endpoint, max_retries=0).judge("Say hi.", "", "GOOD again")
+
+
+def test_malformed_replies(endpoint):
+    endpoint.script = [("reply", "Perhaps, hard to say")]
+    judge = make_judge(endpoint)
+    with pytest.warns(UserWarning):
+        assert judge.judge("Say hi.", "", "GOOD hi") == 0.0
+    assert judge.judge("Say hi.", "", "GOOD hi") == 1.0  # an unclear verdict is not cached
+    endpoint.script = [("raw", b"this is not json")]
+    with pytest.raises(JudgeError, match="failed"):
+        judge.judge("Say hi.", "", "GOOD other")
+
+
+def test_timeout_is_a_clear_error(endpoint):
+    endpoint.script = [("sleep", 1.0)]
+    with pytest.raises(JudgeError, match="(?i)timed out|timeout"):
+        make_judge(endpoint, timeout=0.2).judge("Say hi.", "", "GOOD slow")

@@ -169,7 +169,7 @@ class LLMJudge:
                 f"LLM judge endpoint {self.base_url} rejected the API key from {source} "
                 f"(HTTP 401); check the key or the base_url"
             ) from err
-        except openai.OpenAIError as err:
+        except (openai.OpenAIError, ValueError) as err:  # ValueError: a reply body that is not JSON
             raise JudgeError(f"LLM judge request to {self.base_url} failed: {err}") from err
         return response.choices[0].message.content or ""
 
