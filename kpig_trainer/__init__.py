@@ -31,6 +31,23 @@ _EXPORTS = {
     "information_gain": "kpig_trainer.info_gain",
     "ig_temperature": "kpig_trainer.info_gain",
     "kpig_jsd": "kpig_trainer.losses",
+    # training
+    "KPIGConfig": "kpig_trainer.config",
+    "KPIGTrainer": "kpig_trainer.trainer",
+    "ReplayCallback": "kpig_trainer.callbacks",
+    "ReplayRequest": "kpig_trainer.replay",
+    "ReplayStrategy": "kpig_trainer.replay",
+    "get_replay_strategy": "kpig_trainer.replay",
+    "register_replay_strategy": "kpig_trainer.replay",
+    "ContinualArguments": "kpig_trainer.continual_config",
+    "ContinualRunner": "kpig_trainer.continual",
+    # evaluation, diversity, selection
+    "evaluate_tasks": "kpig_trainer.evaluation.evaluate",
+    "ContinualMatrix": "kpig_trainer.evaluation.matrix",
+    "diversify": "kpig_trainer.diversity",
+    "load_pools": "kpig_trainer.diversity",
+    "InstructionSelector": "kpig_trainer.selection",
+    "align_embedder": "kpig_trainer.selection_align",
     # models
     "load_model_and_tokenizer": "kpig_trainer.models",
     "load_sentence_embedder": "kpig_trainer.models",

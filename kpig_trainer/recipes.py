@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import yaml
 
 from .config import KPIGConfig
-from .continual import ContinualArguments
+from .continual_config import ContinualArguments
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo.yaml"
 

@@ -189,3 +189,18 @@ def test_generation_evaluation_fills_the_matrix_and_the_report(data_dir, tmp_pat
     assert len(predictions["held_task"]) == 12 and len(predictions["alpha_task"]) == 4  # held-out: every instance
     table = stage_table(state)
     assert "seen P" in table and "held-out V" in table and "alpha_task" in table
+
+
+def test_insta_selection_trains_on_the_most_similar_tasks(data_dir):
+    from kpig_trainer.continual import load_stream
+    from kpig_trainer.data import load_jsonl_tasks
+    from kpig_trainer.selection import InstructionSelector
+
+    args = ContinualArguments(tasks=str(data_dir / "tasks.jsonl"), splits=str(data_dir / "splits.json"),
+                              insta_target="held_task", insta_k=2, method="sft")
+    stream = load_stream(args, seed=0)
+    tasks = load_jsonl_tasks(data_dir / "tasks.jsonl")
+    direct = InstructionSelector(tasks=tasks, show_progress=False).select_tasks(
+        "held_task", ["alpha_task", "beta_task", "gamma_task"], 2)
+    assert stream.seen == [t for t, _ in direct] and stream.held_out == ["held_task"]
+    assert [s.tasks for s in stream.stages] == [(t,) for t, _ in direct]

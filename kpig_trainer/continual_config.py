@@ -1,0 +1,119 @@
+"""What a continual run runs: :class:`ContinualArguments` (model, data, stream, method,
+replay, checkpoints) and :func:`load_stream`. Training hyperparameters are in
+:class:`~kpig_trainer.config.KPIGConfig`."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .data import Stream, load_benchmark, load_tasks
+from .data.records import DataError
+
+METHODS = ("kpig", "sft", "lora", "l2", "ewc", "multi", "init")
+
+
+@dataclass
+class ContinualArguments:
+    """What to run: model, data, stream, method, replay and checkpoints.
+
+    Training hyperparameters (learning rate, batch size, ``alpha``, ``jsd_weight``, ``replay_tasks``
+    M, ``replay_instances`` N, ``previous_model``, ``output_dir`` = the run directory, ...) live
+    in :class:`~kpig_trainer.config.KPIGConfig`.
+    """
+
+    model_name_or_path: str = field(default="smollm2", metadata={"help": "Model: an embedded alias (smollm2, tiny-llama), a local path or a Hub id."})
+    benchmark: str = field(default="demo", metadata={"help": "Shipped benchmark: demo or superni-kpig (ignored with --tasks)."})
+    tasks: str | None = field(default=None, metadata={"help": "Your own tasks: a SuperNI folder, .json or .jsonl file."})
+    annotations: str | None = field(default=None, metadata={"help": "Annotations JSON for --tasks (metric, scope, format, key parts)."})
+    splits: str | None = field(default=None, metadata={"help": "Splits JSON for --tasks ({'seen': [...], 'held_out': [...]}); default: every task seen."})
+    order: str = field(default="ST", metadata={"help": "Stream order: ST (one task per stage) or SC (one category per stage)."})
+    stage_order: str = field(default="given", metadata={"help": "Stage order: given, or shuffle (seeded)."})
+    insta_target: str | None = field(default=None, metadata={"help": "INSTA task selection: train only on the insta_k seen tasks whose instructions are most similar to this task, which is held out."})
+    insta_k: int = field(default=10, metadata={"help": "Number of tasks INSTA selects for insta_target."})
+    max_stages: int | None = field(default=None, metadata={"help": "Train only the first this many stages."})
+    max_held_out_tasks: int | None = field(default=None, metadata={"help": "Evaluate only the first this many held-out tasks."})
+    max_train_instances: int | None = field(default=None, metadata={"help": "Cap of train instances per task (default: the benchmark's)."})
+    max_test_instances: int | None = field(default=None, metadata={"help": "Cap of test instances per task (default: the benchmark's)."})
+    test_size: float = field(default=0.2, metadata={"help": "Test instances per seen task: a fraction (<1) or a count."})
+    method: str = field(default="kpig", metadata={"help": f"Training method: one of {', '.join(METHODS)}."})
+    replay_strategy: str | None = field(default=None, metadata={"help": "Replay: kpig, random, entropy, all, none, ... (default: kpig for method kpig, else none)."})
+    similarity_embedder: str | None = field(default=None, metadata={"help": "Embedder of the similarity replay strategies (default: embedded all-MiniLM-L6-v2; an aligned one from `kpig align-embedder`)."})
+    similarity_aggregate: str = field(default="mean", metadata={"help": "similarity replay: mean or max over instruction variants."})
+    regularization_weight: float = field(default=1.0, metadata={"help": "Weight of the l2 / ewc penalty."})
+    fisher_batches: int = field(default=16, metadata={"help": "Batches of the finished stage used to estimate the EWC Fisher."})
+    ewc_decay: float = field(default=1.0, metadata={"help": "Online EWC: Fisher <- decay * Fisher + new Fisher."})
+    use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters (implied by method lora)."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] | None = field(default=None, metadata={"help": "LoRA target modules (default: PEFT's for the architecture)."})
+    instruction_pools: str | None = field(default=None, metadata={"help": "Folder of instruction pools from `kpig diversify`; instances sample their instruction from it."})
+    keep_last_stages: int = field(default=2, metadata={"help": "Stage checkpoints to keep (0: keep all)."})
+    evaluate: bool = field(default=True, metadata={"help": "Evaluate every seen and held-out task after each stage."})
+    evaluation: str = field(default="generate", metadata={"help": "generate: answers scored with P-score / V-score (the continual-learning matrix and report); loss: test-split cross entropy only (fast)."})
+    eval_ig: bool = field(default=True, metadata={"help": "Also measure the mean information gain of every task's test instances after each stage."})
+    eval_batch_size: int = field(default=8, metadata={"help": "Batch size of evaluation."})
+    held_out_demonstrations: int = field(default=2, metadata={"help": "Positive demonstrations in the prompt of held-out tasks (the paper: 2)."})
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.method == "lora":
+            self.use_peft = True
+        if self.replay_strategy is None:
+            self.replay_strategy = "kpig" if self.method == "kpig" else "none"
+        if self.evaluation not in ("generate", "loss"):
+            raise ValueError(f"evaluation must be 'generate' or 'loss', got {self.evaluation!r}")
+
+    @property
+    def uses_jsd(self) -> bool:
+        return self.method == "kpig"
+
+
+def load_stream(args: ContinualArguments, seed: int) -> Stream:
+    """The stream the run trains on (``multi``: one stage of every seen task)."""
+    options: dict[str, Any] = {"order": args.order, "stage_order": args.stage_order, "seed": seed,
+                               "test_size": int(args.test_size) if args.test_size >= 1 else args.test_size}
+    for key in ("max_train_instances", "max_test_instances"):
+        if getattr(args, key) is not None:
+            options[key] = getattr(args, key)
+    from .data import Benchmark, load_annotations, load_splits
+
+    if args.tasks:
+        annotations = load_annotations(args.annotations) if args.annotations else None
+        tasks = load_tasks(args.tasks, annotations=annotations)
+        split = load_splits(args.splits, known_tasks=tasks) if args.splits else None
+        benchmark = Benchmark(Path(args.tasks).stem, tasks, split.seen if split else list(tasks),
+                              split.held_out if split else [])
+    else:
+        benchmark = load_benchmark(args.benchmark)
+    if args.insta_target:
+        from .selection import select_training_tasks
+
+        # The INSTA experiment: train on the k seen tasks most similar to the target, hold it out.
+        options["seen"] = select_training_tasks(benchmark, args.insta_target, args.insta_k,
+                                                embedder=args.similarity_embedder,
+                                                aggregate=args.similarity_aggregate)
+        options["held_out"] = [args.insta_target]
+    stream = benchmark.stream(**options)
+    if args.max_stages is not None:
+        if args.max_stages < 1:
+            raise DataError(f"max_stages must be >= 1, got {args.max_stages}")
+        kept = stream.stages[: args.max_stages]
+        trained = [t for s in kept for t in s.tasks]
+        stream = dataclasses.replace(stream, stages=kept, seen=trained,
+                                     train={t: stream.train[t] for t in trained},
+                                     test={t: stream.test[t] for t in trained + stream.held_out})
+    if args.max_held_out_tasks is not None:
+        kept = stream.held_out[: args.max_held_out_tasks]
+        dropped = set(stream.held_out) - set(kept)
+        stream = dataclasses.replace(stream, held_out=kept, test={t: v for t, v in stream.test.items() if t not in dropped},
+                                     tasks={t: v for t, v in stream.tasks.items() if t not in dropped})
+    if args.method == "multi":
+        from .data import Stage
+
+        stream = dataclasses.replace(stream, stages=[Stage(0, "multi", tuple(stream.seen))])
+    return stream
