@@ -300,16 +300,25 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+# glibc raises its mmap threshold as large blocks are freed, after which freed tensors stay
+# resident in its heap: RSS then also counts memory that is free for reuse. A fixed threshold
+# returns every freed block of >= 128 KiB to the system, so the peak RSS tracks live memory.
+ALLOCATORS = {"default": {}, "fixed_mmap": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
+
+
 def measure_memory(model_name: str, steps: int, threads: int, names=None) -> dict:
-    peaks = {}
+    """``{allocator setting: {config: peak RSS in MiB}}``, one fresh process per measurement."""
+    peaks = {setting: {} for setting in ALLOCATORS}
     for name in names or CONFIGS:
-        command = [sys.executable, __file__, "--memory-worker", name, "--model", model_name,
-                   "--memory-steps", str(steps), "--threads", str(threads)]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise RuntimeError(f"memory worker {name} failed:\n{done.stderr[-3000:]}")
-        peaks[name] = json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mib"]
-        print(f"[{model_name}] peak RSS {name}: {peaks[name]:.0f} MiB", file=sys.stderr, flush=True)
+        for setting, env in ALLOCATORS.items():
+            command = [sys.executable, __file__, "--memory-worker", name, "--model", model_name,
+                       "--memory-steps", str(steps), "--threads", str(threads)]
+            done = subprocess.run(command, capture_output=True, text=True, check=False, env={**os.environ, **env})
+            if done.returncode != 0:
+                raise RuntimeError(f"memory worker {name} failed:\n{done.stderr[-3000:]}")
+            peak = json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+            peaks[setting][name] = peak
+            print(f"[{model_name}] peak RSS {name} ({setting}): {peak:.0f} MiB", file=sys.stderr, flush=True)
     return peaks
 
 
@@ -327,7 +336,8 @@ def summarise(timing: dict, peaks: dict) -> dict:
     rows = {}
     for name, spec in CONFIGS.items():
         steps = samples[f"step:{name}"]
-        row = {"step_s": statistics.median(steps), "peak_rss_mib": peaks.get(name)}
+        default, live = peaks.get("default", {}), peaks.get("fixed_mmap", {})
+        row = {"step_s": statistics.median(steps), "peak_rss_mib": default.get(name), "peak_live_mib": live.get(name)}
         if spec["kind"] == "kpig":
             baseline = spec["baseline"]
             row.update(
@@ -335,7 +345,8 @@ def summarise(timing: dict, peaks: dict) -> dict:
                 vs_sft=statistics.median(s / b for s, b in zip(steps, samples[f"step:{baseline}"])),
                 floor_s=statistics.median(f[name] for f in per_round_floors),
                 vs_floor=statistics.median(s / f[name] for s, f in zip(steps, per_round_floors)),
-                memory_vs_sft=(peaks[name] / peaks[baseline]) if peaks else None,
+                memory_vs_sft=(default[name] / default[baseline]) if default else None,
+                live_memory_vs_sft=(live[name] / live[baseline]) if live else None,
             )
         rows[name] = row
     return rows
@@ -348,7 +359,9 @@ def markdown(results: dict) -> str:
         f"Machine: {results['machine']}; torch threads: {results['threads']}; "
         f"{results['warmup']} warm-up + {results['repeats']} timed steps per configuration, round-robin; "
         f"peak RSS (`VmHWM`) of a fresh process per configuration that runs {results['memory_steps']} steps of "
-        "`trainer.train()` (AdamW).",
+        "`trainer.train()` (AdamW), with glibc's default allocator settings and with a fixed mmap "
+        "threshold of 128 KiB (`MALLOC_MMAP_THRESHOLD_=131072`: freed tensors go back to the system "
+        "at once, so the peak tracks live memory rather than heap the allocator keeps for reuse).",
         "",
         "A step is `Trainer.training_step` (forward, loss, backward). Times are medians; ratios are "
         "medians of per-round ratios (each KPIG step is timed next to its baseline step and its floor "
@@ -372,8 +385,9 @@ def markdown(results: dict) -> str:
             f"Batch: {batch['size']} instances, {batch['mean_full_tokens']:.0f} tokens (masked twin "
             f"{batch['mean_masked_tokens']:.0f}), {batch['mean_response_tokens']:.1f} response tokens on average.",
             "",
-            "| config | step (s) | vs SFT | floor (s) | step / floor | peak RSS (MiB) | memory vs SFT |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| config | step (s) | vs SFT | floor (s) | step / floor | peak RSS (MiB) | memory vs SFT "
+            "| peak RSS, fixed mmap threshold (MiB) | memory vs SFT, fixed mmap threshold |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for name, row in data["summary"].items():
             def fmt(value, spec):
@@ -382,7 +396,8 @@ def markdown(results: dict) -> str:
             lines.append(
                 f"| {name} | {row['step_s']:.3f} | {fmt(row.get('vs_sft'), '.2f')} | {fmt(row.get('floor_s'), '.3f')} "
                 f"| {fmt(row.get('vs_floor'), '.2f')} | {fmt(row.get('peak_rss_mib'), '.0f')} "
-                f"| {fmt(row.get('memory_vs_sft'), '.3f')} |"
+                f"| {fmt(row.get('memory_vs_sft'), '.3f')} | {fmt(row.get('peak_live_mib'), '.0f')} "
+                f"| {fmt(row.get('live_memory_vs_sft'), '.3f')} |"
             )
         passes = {k.split(":", 1)[1]: v for k, v in data["median_s"].items() if k.startswith("pass:")}
         lines += ["", "Passes timed alone (median, s): " + ", ".join(f"{k} {v:.3f}" for k, v in passes.items()), ""]

@@ -209,7 +209,9 @@ class KPIGConfig(TrainingArguments):
     )
     teacher_cache_dir: str | None = field(
         default=None,
-        metadata={"help": "Folder of the teacher cache ('cached' mode); default <output_dir>/kpig_teacher_cache."},
+        metadata={
+            "help": "Folder of the teacher cache ('cached' mode); default <output_dir>/kpig_teacher_cache."
+        },
     )
 
     # Replay.
@@ -288,11 +290,8 @@ class KPIGConfig(TrainingArguments):
             isinstance(self.mask_token, str) and self.mask_token.strip() != "",
             f"KPIGConfig.mask_token must be a non-empty string, got {self.mask_token!r}",
         )
-        check(
-            self.max_length is None
-            or (isinstance(self.max_length, int) and not isinstance(self.max_length, bool) and self.max_length > 0),
-            f"KPIGConfig.max_length must be a positive integer or None, got {self.max_length!r}",
-        )
+        if self.max_length is not None:
+            whole("max_length", 1)
         if self.previous_model == "adapter":
             from transformers.utils import is_peft_available
 

@@ -125,7 +125,9 @@ class TwinBatch:
     ids: list[str] | None
 
     @classmethod
-    def from_inputs(cls, inputs: Mapping[str, Any], response_only: bool, need_masked: bool = True) -> TwinBatch:
+    def from_inputs(
+        cls, inputs: Mapping[str, Any], response_only: bool, need_masked: bool = True
+    ) -> TwinBatch:
         required = ["input_ids", "attention_mask", "labels"]
         if need_masked:
             required += ["masked_input_ids", "masked_attention_mask", "masked_labels"]
@@ -136,12 +138,14 @@ class TwinBatch:
                 "labels, masked_input_ids, masked_attention_mask, masked_labels (and ids for the "
                 "'cached' mode), as built by kpig_trainer.data.collator.KPIGDataCollator"
             )
-        full = Twin.from_tensors(inputs["input_ids"], inputs["attention_mask"], inputs["labels"], response_only)
-        masked = None
-        if need_masked:
-            masked = Twin.from_tensors(
-                inputs["masked_input_ids"], inputs["masked_attention_mask"], inputs["masked_labels"], response_only
+        def twin(prefix: str) -> Twin:
+            return Twin.from_tensors(
+                inputs[f"{prefix}input_ids"], inputs[f"{prefix}attention_mask"], inputs[f"{prefix}labels"],
+                response_only,
             )
+
+        full = twin("")
+        masked = twin("masked_") if need_masked else None
         ids = inputs.get("ids")
         return cls(full, masked, list(ids) if ids is not None else None)
 
@@ -247,22 +251,22 @@ class PreviousModel:
     def prepare(self) -> None:
         """Called when ``train()`` starts, before any update (the ``"cached"`` mode builds then)."""
 
-    def targets(self, batch: TwinBatch, jsd_twin: str, with_info_gain: bool, strict: bool = True) -> TeacherTargets | None:
-        """Teacher outputs for ``batch``; ``None`` if unavailable and not ``strict`` (cache miss)."""
+    def targets(
+        self, batch: TwinBatch, jsd_twin: str, with_info_gain: bool, strict: bool = True
+    ) -> TeacherTargets | None:
+        """Teacher outputs for ``batch`` (its distribution on the ``jsd_twin``, and its IG when
+        ``with_info_gain``); ``None`` if unavailable and not ``strict`` (a cache miss in eval)."""
         raise NotImplementedError
 
     def release(self) -> None:
         """Free the previous model (memory, adapter or cache)."""
 
     # Shared by the two exact modes.
-    def _exact_targets(self, teacher, batch: TwinBatch, jsd_twin: str, with_info_gain: bool) -> TeacherTargets:
+    def _exact_targets(self, teacher, batch: TwinBatch, jsd_twin: str, with_info_gain: bool):
         args = self.trainer.args
         names = ["full", "masked"] if with_info_gain else [jsd_twin]
-        twins = [batch.twin(name) for name in names]
         with torch.no_grad(), self.trainer.accelerator.autocast():
-            logits = dict(
-                zip(names, forward_twins(teacher, twins, fuse=self.trainer._fuse_twins, logits_to_keep=self.trainer._logits_to_keep))
-            )
+            logits = dict(zip(names, self.trainer._forward(teacher, [batch.twin(name) for name in names])))
         info_gain = None
         if with_info_gain:
             info_gain = information_gain_from_logits(
@@ -478,11 +482,8 @@ class TeacherCache:
             self.meta = meta
             k, tokens = meta["k"], meta["num_tokens"]
             shape = (tokens, k)
-            arrays = (
-                np.memmap(f"{stem}.logprobs.f32", dtype=np.float32, mode="r", shape=shape) if tokens else np.zeros(shape, np.float32),
-                np.memmap(f"{stem}.indices.i32", dtype=np.int32, mode="r", shape=shape) if tokens else np.zeros(shape, np.int32),
-            )
-            self._arrays.append(arrays)
+            logprobs = _open_array(f"{stem}.logprobs.f32", np.float32, shape)
+            self._arrays.append((logprobs, _open_array(f"{stem}.indices.i32", np.int32, shape)))
             for key, (offset, length, ig, digest) in index["entries"].items():
                 self.entries.setdefault(key, (part, offset, length, ig, digest))
 
@@ -549,6 +550,11 @@ class TeacherCache:
             torch.from_numpy(indices).to(device=device, dtype=torch.long),
             info_gain,
         )
+
+
+def _open_array(path: str, dtype, shape: tuple[int, int]) -> np.ndarray:
+    # numpy cannot memory-map an empty file.
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape) if shape[0] else np.zeros(shape, dtype)
 
 
 class _CacheWriter:
@@ -620,11 +626,10 @@ def build_teacher_cache(trainer: KPIGTrainer, directory: Path) -> TeacherCache:
         with torch.no_grad(), accelerator.autocast():
             for inputs in progress:
                 inputs = trainer._prepare_inputs(inputs)
-                batch = TwinBatch.from_inputs(inputs, args.response_logits_only, need_masked=jsd_twin == "masked" or with_info_gain)
+                batch = TwinBatch.from_inputs(inputs, args.response_logits_only, "masked" in names)
                 if batch.ids is None:
                     raise KeyError("previous_model='cached' needs the instance ids in the batch (key 'ids')")
-                twins = [batch.twin(name) for name in names]
-                logits = dict(zip(names, forward_twins(model, twins, fuse=trainer._fuse_twins, logits_to_keep=trainer._logits_to_keep)))
+                logits = dict(zip(names, trainer._forward(model, [batch.twin(name) for name in names])))
                 twin = batch.twin(jsd_twin)
                 logprobs, indices = topk_teacher_cache(logits[jsd_twin], twin.frame_labels, args.teacher_topk)
                 info_gain = None
@@ -633,7 +638,8 @@ def build_teacher_cache(trainer: KPIGTrainer, directory: Path) -> TeacherCache:
                         logits["full"], batch.full.frame_labels, logits["masked"], batch.masked.frame_labels,
                         args.alpha,
                     ).tolist()
-                writer.add(batch.ids, logprobs, indices, twin.response_counts().tolist(), twin.token_hashes(), info_gain)
+                counts = twin.response_counts().tolist()
+                writer.add(batch.ids, logprobs, indices, counts, twin.token_hashes(), info_gain)
     finally:
         writer.close()
         model.train(was_training)

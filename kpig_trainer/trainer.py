@@ -21,7 +21,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from kpig_trainer.config import KPIGConfig
-from kpig_trainer.info_gain import _check_twins, ig_temperature, information_gain_from_logits
+from kpig_trainer.info_gain import _check_twins, ig_temperature, info_score
 from kpig_trainer.losses import cross_entropy_loss, kpig_jsd, kpig_jsd_topk
 from kpig_trainer.teacher import (
     PreviousModel,
@@ -67,7 +67,12 @@ class KPIGTrainer(Trainer):
     The batch is the KPIG collator's (see :mod:`kpig_trainer.info_gain`); without a
     ``data_collator`` the trainer builds ``KPIGDataCollator(processing_class, ...)`` from the config.
     Logged per logging step (train and ``eval_``): ``ce``, ``jsd`` (the unweighted JSD term, 0
-    when off), ``ig`` and ``temperature`` (when computed, see ``always_log_info_gain``).
+    when off), ``ig`` and ``temperature`` (when computed, see ``always_log_info_gain``), exact
+    means over the window: per response token for ``ce`` and ``jsd``, per instance for the rest.
+
+    Cost (``benchmarks/step_cost.py``, SmolLM2-135M on 2 CPU threads, batch 4 x ~141 tokens): a
+    step is 1.00-1.01x the sum of the passes it cannot avoid in every mode, 1.5x (``cached``) to
+    1.8x (``copy``, ``adapter``) an SFT step.
     """
 
     _tag_names = ["kpig", "continual-learning"]
@@ -94,7 +99,7 @@ class KPIGTrainer(Trainer):
         if model_init is not None:
             raise ValueError("KPIGTrainer does not support model_init: pass the model (M_{t-1}) itself")
         if compute_loss_func is not None:
-            raise ValueError("KPIGTrainer computes its own loss (equation 4); compute_loss_func is not supported")
+            raise ValueError("KPIGTrainer computes its own loss (equation 4); drop compute_loss_func")
         args = _as_kpig_config(args)
         if isinstance(model, str):
             from kpig_trainer.models import load_model_and_tokenizer
@@ -152,7 +157,9 @@ class KPIGTrainer(Trainer):
             on_cpu = self.accelerator.device.type == "cpu"
             return "sequential" if on_cpu and not self.is_deepspeed_enabled else "fused"
         if passes == "sequential" and self.is_deepspeed_enabled:
-            raise ValueError("KPIGConfig.twin_passes='sequential' is not supported with DeepSpeed; use 'fused' or 'separate'")
+            raise ValueError(
+                "KPIGConfig.twin_passes='sequential' does not work with DeepSpeed; use 'fused' or 'separate'"
+            )
         return passes
 
     # ----------------------------------------------------------------------------------------
@@ -200,6 +207,11 @@ class KPIGTrainer(Trainer):
         the same response tokens), else by this batch's response tokens. So gradient
         accumulation is exact, and the result is multiplied by the number of processes when
         ``average_tokens_across_devices`` is on, as ``Trainer.compute_loss`` does.
+
+        The current model runs the twins as ``twin_passes`` says. With ``"sequential"`` (CPU
+        default), inside ``training_step`` only, the CE of the full twin is backpropagated here
+        before the masked twin's forward; the returned loss then has the value of the whole loss
+        and the gradient of the JSD term, so the gradients after ``training_step`` are the same.
         """
         args = self.args
         mode = "train" if model.training else "eval"
@@ -212,6 +224,7 @@ class KPIGTrainer(Trainer):
         student_twins = ["full", "masked"] if jsd_active and jsd_twin == "masked" else ["full"]
         need_masked = "masked" in student_twins or want_ig
 
+        full_info = None  # Info of the full twin under the current model, when taken early
         response_only = args.response_logits_only and not return_outputs
         batch = TwinBatch.from_inputs(inputs, response_only, need_masked=need_masked)
         if batch.masked is not None and not self._twins_checked and mode == "train":
@@ -220,12 +233,14 @@ class KPIGTrainer(Trainer):
         full = batch.full
         num_tokens = full.response_counts().sum()
         denominator = num_items_in_batch if num_items_in_batch is not None else num_tokens.clamp(min=1)
+        if torch.is_tensor(denominator):
+            denominator = denominator.to(num_tokens.device)
         scale = 1
         if args.average_tokens_across_devices and num_items_in_batch is not None:
             scale = self.accelerator.num_processes // self.get_tp_size()  # as Trainer.compute_loss
 
         def normalise(total: torch.Tensor) -> torch.Tensor:
-            return total / (denominator.to(total.device) if torch.is_tensor(denominator) else denominator) * scale
+            return total / denominator * scale
 
         if len(student_twins) == 2 and self._twin_passes == "sequential" and self._in_training_step:
             # Full twin: forward, CE and backward now, so that its activations are freed before
@@ -236,21 +251,24 @@ class KPIGTrainer(Trainer):
             if num_items_in_batch is None:  # training_step divides an unscaled loss by the steps
                 ce_loss = ce_loss / self.current_gradient_accumulation_steps
             self.accelerator.backward(ce_loss)
-            logits = {"full": full_logits.detach(), "masked": self._forward(model, [batch.masked])[0]}
             ce_sum = ce_sum.detach()
+            if not ig_from_previous and (want_ig or args.ig_source == "current"):
+                full_info = info_score(full_logits.detach(), full.frame_labels, args.alpha)
+            del full_logits  # the full twin's logits are not needed past this point
+            logits = {"masked": self._forward(model, [batch.masked])[0]}
         else:
             logits = dict(zip(student_twins, self._forward(model, [batch.twin(n) for n in student_twins])))
             ce_sum = cross_entropy_loss(logits["full"], full.frame_labels, num_items_in_batch=1)
 
         targets: TeacherTargets | None = None
         if jsd_active:
-            targets = self._previous.targets(batch, jsd_twin, with_info_gain=ig_from_previous, strict=mode == "train")
+            targets = self._previous.targets(batch, jsd_twin, ig_from_previous, strict=mode == "train")
             if targets is None:
                 jsd_active = False
-                self._announce("cache-miss", "KPIG: eval instances outside the teacher cache get no JSD term.")
+                self._announce("cache-miss", "KPIG: eval batches outside the teacher cache get no JSD term.")
         info_gain = targets.info_gain if targets is not None else None
         if info_gain is None and (want_ig or ("masked" in logits and args.ig_source == "current")):
-            info_gain = self._current_info_gain(model, batch, logits)
+            info_gain = self._current_info_gain(model, batch, logits, full_info)
         temperature = None
         if info_gain is not None:
             temperature = ig_temperature(info_gain) if args.use_temperature else torch.ones_like(info_gain)
@@ -287,24 +305,25 @@ class KPIGTrainer(Trainer):
         temperature = temperature if args.use_temperature else 1.0
         if targets.logits is not None:
             return kpig_jsd(
-                student_logits, targets.logits, labels, temperature, log_base=args.jsd_log_base, reduction="sum"
+                student_logits, targets.logits, labels, temperature, log_base=args.jsd_log_base,
+                reduction="sum",
             )
         return kpig_jsd_topk(
             student_logits, targets.topk_logprobs, targets.topk_indices, labels, temperature,
             log_base=args.jsd_log_base, reduction="sum",
         )
 
-    def _current_info_gain(self, model, batch: TwinBatch, logits: dict[str, torch.Tensor]) -> torch.Tensor:
-        """IG of the current model from its own (detached) logits; runs a no-grad forward of the
-        masked twin only when the step did not run one."""
+    def _current_info_gain(self, model, batch: TwinBatch, logits: dict[str, torch.Tensor], full_info=None):
+        """IG (equation 1) of the current model from its own detached logits, ``[B]``; runs a
+        no-grad forward of the masked twin only when the step did not run one."""
+        alpha = self.args.alpha
         masked_logits = logits.get("masked")
         if masked_logits is None:
             with torch.no_grad():
                 masked_logits = forward_twins(model, [batch.masked], logits_to_keep=self._logits_to_keep)[0]
-        return information_gain_from_logits(
-            logits["full"].detach(), batch.full.frame_labels, masked_logits.detach(), batch.masked.frame_labels,
-            self.args.alpha, check_twins=False,
-        )
+        if full_info is None:
+            full_info = info_score(logits["full"].detach(), batch.full.frame_labels, alpha)
+        return full_info - info_score(masked_logits.detach(), batch.masked.frame_labels, alpha)
 
     # ----------------------------------------------------------------------------------------
     # Evaluation and logging
@@ -359,7 +378,7 @@ class KPIGTrainer(Trainer):
 
     def _announce_no_jsd(self) -> None:
         if self.args.jsd_weight == 0:
-            self._announce("no-jsd", "KPIG: jsd_weight=0 ('w/o jsd'): the JSD term is 0; steps cost an SFT step.")
+            self._announce("no-jsd", "KPIG: jsd_weight=0 ('w/o jsd'): the JSD term is 0; steps cost SFT steps")
         elif not self.use_previous_model:
             self._announce(
                 "no-previous",
@@ -380,7 +399,7 @@ def _as_kpig_config(args: TrainingArguments | None) -> KPIGConfig:
         return args
     if not isinstance(args, TrainingArguments):
         raise TypeError(f"args must be a KPIGConfig (or TrainingArguments), got {type(args).__name__}")
-    logger.warning("KPIGTrainer got a plain TrainingArguments; using KPIGConfig defaults for the KPIG fields.")
+    logger.warning("KPIGTrainer got plain TrainingArguments; the KPIG fields take KPIGConfig's defaults.")
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
     values["remove_unused_columns"] = False
     return KPIGConfig(**values)
@@ -392,10 +411,12 @@ def _wrap_peft(model: nn.Module, peft_config: Any, args: KPIGConfig) -> nn.Modul
     except ImportError as error:
         raise ImportError("peft_config needs the `peft` package: pip install peft") from error
     if not isinstance(peft_config, PeftConfig):
-        raise TypeError(f"peft_config must be a peft.PeftConfig (e.g. LoraConfig), got {type(peft_config).__name__}")
+        raise TypeError(
+            f"peft_config must be a peft.PeftConfig (e.g. LoraConfig), got {type(peft_config).__name__}"
+        )
     if isinstance(model, PeftModel):
         raise ValueError(
-            "model is a PeftModel already; pass it without peft_config, or pass the base model with peft_config"
+            "model is a PeftModel already: pass it without peft_config, or the base model with peft_config"
         )
     if args.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
@@ -404,9 +425,13 @@ def _wrap_peft(model: nn.Module, peft_config: Any, args: KPIGConfig) -> nn.Modul
 
 def _default_collator(processing_class: Any, args: KPIGConfig) -> Callable:
     if processing_class is None:
-        raise ValueError("KPIGTrainer needs processing_class= (the tokenizer) to build its data collator, or a data_collator")
+        raise ValueError(
+            "KPIGTrainer needs processing_class= (the tokenizer) to build its collator, or a data_collator"
+        )
     try:
         from kpig_trainer.data.collator import KPIGDataCollator
     except ImportError as error:
-        raise ImportError("kpig_trainer.data.collator.KPIGDataCollator is unavailable; pass data_collator=") from error
+        raise ImportError(
+            "kpig_trainer.data.collator.KPIGDataCollator is unavailable; pass data_collator="
+        ) from error
     return KPIGDataCollator(processing_class, mask_token=args.mask_token, max_length=args.max_length)

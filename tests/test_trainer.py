@@ -612,6 +612,15 @@ def test_constructor_defaults_and_errors(base, tmp_path):
         make_trainer(base, tmp_path, model=lora.model, lora=True)
 
 
+def test_twins_with_different_responses_are_reported(base, tmp_path):
+    trainer = make_trainer(base, tmp_path)
+    batch = hand_batch(base[1], SPECS)
+    labels = batch["masked_labels"]
+    labels[1, (labels[1] != IGNORE).nonzero()[0]] = IGNORE  # row 1's twin lost a response token
+    with pytest.raises(ValueError, match="twins must mark the same response tokens"):
+        loss_of(trainer, batch)
+
+
 def test_batch_without_masked_twin_is_reported(base, tmp_path):
     trainer = make_trainer(base, tmp_path)
     batch = hand_batch(base[1], SPECS)
