@@ -107,9 +107,9 @@ class KPIGConfig(TrainingArguments):
             not with DeepSpeed). ``"auto"``: ``"fused"`` on accelerators (CUDA, XPU, MPS, ...),
             where one batch of ``2B`` rows uses the device better; ``"sequential"`` on CPU, where
             compute grows with the padded tokens (fusing pads the shorter masked twin) and the
-            second twin's activations would add ~20% to an SFT step's peak memory (measured on
-            SmolLM2-135M in ``benchmarks/step_cost.py``); ``"fused"`` under DeepSpeed. The loss
-            and its gradient are the same in every case.
+            masked twin's activations, kept alive next to the full twin's, add 13-14% of an SFT
+            step's peak memory (SmolLM2-135M, ``benchmarks/step_cost.py``); ``"fused"`` under
+            DeepSpeed. The loss and its gradient are the same in every case.
         response_logits_only (`bool`, *optional*, defaults to `True`):
             Ask the model for logits at the response positions only (``logits_to_keep``, the
             span from the first to the last response token of the batch) instead of all
