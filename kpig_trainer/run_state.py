@@ -13,14 +13,13 @@ Layout of a run directory::
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .fileio import atomic_write_json
+from .fileio import atomic_write_json, replace_directory
 
 STATE_VERSION = 1
 
@@ -99,9 +98,7 @@ class RunDirectory:
         try:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            replace_directory(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

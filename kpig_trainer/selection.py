@@ -21,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
@@ -29,6 +28,7 @@ from typing import Any, Union
 import numpy as np
 
 from .data.records import DataError, Task
+from .fileio import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -323,16 +323,13 @@ def _read_cache(path: Path) -> dict[str, np.ndarray]:
 
 
 def _write_cache(path: Path, memory: Mapping[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     texts = list(memory)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as handle:  # a handle: np.savez would append ".npz" to a file name
             np.savez(handle, texts=np.array(texts, dtype=str), vectors=np.stack([memory[t] for t in texts]))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    atomic_write(path, write)
 
 
 def select_training_tasks(benchmark, target: str, k: int, selector: InstructionSelector | None = None, **options: Any) -> list[str]:

@@ -41,6 +41,8 @@ import numpy as np
 from .data.records import Task
 from .selection import InstructionSelector, Pools, SelectionError, TaskRef, load_embedder
 
+from .fileio import replace_directory
+
 logger = logging.getLogger(__name__)
 
 ALIGNMENT_LOSSES = ("cosine", "cosent")
@@ -288,23 +290,8 @@ def align_embedder(
             "max_seq_length": max_seq_length, "seed": seed,
         }
         (tmp / "model" / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
-        _replace_dir(tmp / "model", out)
+        replace_directory(tmp / "model", out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     logger.info("Aligned embedder saved to %s (%d pairs, %.1f s)", out, len(pairs), seconds)
     return AlignmentResult(out, model, pairs, seconds, metadata)
-
-
-def _replace_dir(new: Path, final: Path) -> None:
-    """Move the finished folder ``new`` to ``final``; an old ``final`` is removed only afterwards."""
-    if not final.exists():
-        os.replace(new, final)
-        return
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    os.replace(final, old)
-    try:
-        os.replace(new, final)
-    except BaseException:
-        os.replace(old, final)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kpig_trainer.fileio import atomic_write_text
 from kpig_trainer.info_gain import information_gain_from_logits
 from kpig_trainer.losses import IGNORE_INDEX, topk_teacher_cache
 
@@ -582,10 +583,7 @@ class _CacheWriter:
         self._logprobs.close()
         self._indices.close()
         self.meta["num_tokens"] = self.offset
-        tmp = f"{self.stem}.index.json.tmp"
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump({"meta": self.meta, "entries": self.entries}, handle)
-        os.replace(tmp, f"{self.stem}.index.json")
+        atomic_write_text(f"{self.stem}.index.json", json.dumps({"meta": self.meta, "entries": self.entries}))
 
 
 def build_teacher_cache(trainer: KPIGTrainer, directory: Path) -> TeacherCache:
