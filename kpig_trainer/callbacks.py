@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Callable
 
 from transformers import TrainerCallback
@@ -10,6 +11,17 @@ from transformers import TrainerCallback
 from .replay import ModelScorer, ReplayChoice, ReplayRequest, ReplayStrategy, get_replay_strategy
 
 logger = logging.getLogger(__name__)
+
+
+class LogRecordsCallback(TrainerCallback):
+    """Hands every Trainer log record (loss, ce, jsd, ig, ...) of the main process to ``write``."""
+
+    def __init__(self, write: Callable[[dict[str, Any]], Any]) -> None:
+        self.write = write
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            self.write({"step": state.global_step, **logs})
 
 
 class ReplayCallback(TrainerCallback):
@@ -42,14 +54,18 @@ class ReplayCallback(TrainerCallback):
         self.on_choice = on_choice
         self.show_progress = show_progress
         self.choice: ReplayChoice | None = None
+        self.seconds: float | None = None
 
     def select(self, model) -> ReplayChoice:
-        """Score with ``model`` and choose; usable outside a Trainer (e.g. on resume)."""
+        """Score with ``model`` and choose; usable outside a Trainer (e.g. on resume).
+        :attr:`seconds` is the wall time it took (scoring included)."""
+        began = time.perf_counter()
         scorer = None
         if self.strategy.needs_model and self.request.seen_tasks:
             scorer = ModelScorer(model, self.collator, alpha=self.alpha, batch_size=self.batch_size,
                                  show_progress=self.show_progress)
         self.choice = self.strategy.select(self.request, scorer)
+        self.seconds = time.perf_counter() - began
         summary = ", ".join(f"{t} ({self.choice.scores[t]:.4f})" if t in self.choice.scores else t
                             for t in self.choice.tasks) or "nothing"
         logger.info("stage %d replay (%s): %s; %d instances", self.request.stage + 1, self.strategy.name,

@@ -9,6 +9,7 @@ N=10``, learning rate 2e-5, one epoch.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -247,6 +248,14 @@ class KPIGConfig(TrainingArguments):
     )
 
     def __post_init__(self):
+        if _cpu_only_machine():
+            # On a machine without an accelerator, TrainingArguments joins a multi-process launch
+            # only with use_cpu (`accelerate launch --multi_gpu`, torchrun) or, under DeepSpeed,
+            # with an explicit gloo backend; otherwise every process trains alone as rank 0 of 1.
+            if self.deepspeed or _deepspeed_launch():
+                self.ddp_backend = self.ddp_backend or "gloo"
+            elif not self.use_cpu:
+                self.use_cpu = True
         super().__post_init__()
         self._validate_kpig()
 
@@ -304,3 +313,16 @@ class KPIGConfig(TrainingArguments):
 
 def _is_real(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _cpu_only_machine() -> bool:
+    import torch
+
+    if hasattr(torch, "accelerator"):
+        return not torch.accelerator.is_available()
+    mps = getattr(torch.backends, "mps", None)
+    return not torch.cuda.is_available() and not (mps is not None and mps.is_available())
+
+
+def _deepspeed_launch() -> bool:
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")

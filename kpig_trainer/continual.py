@@ -27,17 +27,23 @@ from typing import Any, Callable
 
 import torch
 
-from .callbacks import ReplayCallback
+from .callbacks import LogRecordsCallback, ReplayCallback
 from .config import KPIGConfig
-from .continual_config import METHODS, ContinualArguments, load_stream  # noqa: F401  (public here too)
+from .continual_config import METHODS, ContinualArguments, load_stream
 from .data import Instance, Stream
 from .regularizers import ParameterAnchor, estimate_fisher, merge_fisher
 from .replay import ReplayChoice, ReplayRequest
 from .fileio import atomic_write_json
+from .models import full_weights, is_zero3_partitioned
 from .run_state import RunDirectory, RunState
 from .trainer import KPIGTrainer
 
+__all__ = ["METHODS", "ContinualArguments", "ContinualRunner", "RegularizedKPIGTrainer", "load_stream",
+           "loss_evaluation"]
+
 logger = logging.getLogger(__name__)
+
+_LOGGERS = ("kpig_trainer", "transformers")  # copied to logs/run.log
 
 def _rows(instances: list[Instance]) -> list[dict[str, Any]]:
     return [{"id": i.id, "task": i.task, "instruction": i.instruction, "input": i.input,
@@ -60,6 +66,9 @@ class ContinualRunner:
                  evaluate_fn: Callable[..., dict[str, Any]] | None = None, callbacks: list | None = None) -> None:
         self.args = args
         self.training_args = training_args
+        # TrainingArguments joins the process group lazily; until then process_index is 0 on
+        # every rank, and every rank would write the run state.
+        _ = training_args.device
         self.dir = RunDirectory(training_args.output_dir)
         self.stream = load_stream(args, training_args.seed)
         self.evaluate_fn = evaluate_fn or (loss_evaluation if args.evaluation == "loss" else self.generation_evaluation)
@@ -134,12 +143,40 @@ class ContinualRunner:
 
     def run(self) -> RunState:
         """Train (or resume) every remaining stage; returns the final state."""
+        handler = self._open_log()
+        try:
+            return self._run()
+        finally:
+            for name in _LOGGERS:
+                logging.getLogger(name).removeHandler(handler)
+            handler.close()
+
+    def _open_log(self) -> logging.Handler:
+        """Copy this process's kpig_trainer log (and transformers' at its own verbosity, warnings by
+        default) to ``logs/run.log``."""
+        path = self.dir.log_path("run.log", self.training_args.process_index)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path, encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setLevel(logging.INFO)
+        for name in _LOGGERS:
+            logging.getLogger(name).addHandler(handler)
+        package = logging.getLogger("kpig_trainer")
+        if package.getEffectiveLevel() > logging.INFO:  # transformers keeps its own verbosity
+            package.setLevel(logging.INFO)
+        return handler
+
+    def _run(self) -> RunState:
         self._load_model()
+        if self.args.method in ("l2", "ewc") and is_zero3_partitioned(self.model):
+            raise ValueError(f"method={self.args.method!r} needs the full weights on every process; it does not "
+                             "run under DeepSpeed ZeRO-3 (use ZeRO-2, DDP, or another method)")
         if self.training_args.process_index == 0:
             atomic_write_json(self.dir.config_path, {"continual": dataclasses.asdict(self.args),
                                                      "training": self.training_args.to_dict()})
         if self.args.evaluate and "init" not in self.state.evaluation:
-            self.state.evaluation["init"] = self.evaluate_fn(self.model, self.tokenizer, self.stream, -1)
+            with full_weights(self.model):
+                self.state.evaluation["init"] = self.evaluate_fn(self.model, self.tokenizer, self.stream, -1)
             self._save_state()
             self.write_report()
         if self.args.method == "init":
@@ -181,18 +218,25 @@ class ContinualRunner:
 
     def _replay_callback(self, stage: int) -> ReplayCallback:
         def record(choice: ReplayChoice) -> None:
-            self.state.replay[str(stage)] = choice.to_dict()
+            entry = choice.to_dict()
+            self.state.replay[str(stage)] = entry
+            self.state.timings[f"stage_{stage + 1}_replay_selection"] = callback.seconds
+            # Every process logs its own choice: they must agree (sharded scores, all-gathered).
+            self.dir.append_log("replay.jsonl", {"stage": stage + 1, "seconds": callback.seconds, **entry},
+                                self.training_args.process_index)
             self._save_state()
 
-        return ReplayCallback(self.replay_strategy, self.replay_request(stage), self.collator(True),
-                              alpha=self.training_args.alpha, batch_size=self.args.eval_batch_size,
-                              on_choice=record, show_progress=not self.training_args.disable_tqdm)
+        callback = ReplayCallback(self.replay_strategy, self.replay_request(stage), self.collator(True),
+                                  alpha=self.training_args.alpha, batch_size=self.args.eval_batch_size,
+                                  on_choice=record, show_progress=not self.training_args.disable_tqdm)
+        return callback
 
     def _replay_instances(self, stage: int) -> list[Instance]:
         if stage == 0:
             return []
         if str(stage) not in self.state.replay:  # resumed between stages: choose now
-            self._replay_callback(stage).select(self.model)
+            with full_weights(self.model):
+                self._replay_callback(stage).select(self.model)
         by_id = {(i.task, i.id): i for t in self.stream.seen_before(stage) for i in self.stream.train[t]}
         return [by_id[(task, iid)] for task, iid in self.state.replay[str(stage)]["instances"]]
 
@@ -207,6 +251,8 @@ class ContinualRunner:
         if not self.args.uses_jsd:
             args.jsd_weight = 0.0
         callbacks = list(self.callbacks)
+        callbacks.append(LogRecordsCallback(
+            lambda record: self.dir.append_log("train.jsonl", {"stage": stage + 1, **record})))
         if stage + 1 < len(self.stream.stages):
             callbacks.append(self._replay_callback(stage + 1))
         trainer_cls = RegularizedKPIGTrainer if self.args.method in ("l2", "ewc") else KPIGTrainer
@@ -224,10 +270,13 @@ class ContinualRunner:
             self._update_anchor(trainer)
         if self.args.evaluate:
             began = time.perf_counter()
-            self.state.evaluation[str(stage + 1)] = self.evaluate_fn(self.model, self.tokenizer, self.stream, stage)
+            with full_weights(self.model):
+                self.state.evaluation[str(stage + 1)] = self.evaluate_fn(self.model, self.tokenizer, self.stream, stage)
             self.state.timings[f"stage_{stage + 1}_eval"] = time.perf_counter() - began
+        with full_weights(self.model):  # ZeRO-3: every rank gathers, rank 0 saves
+            if self.training_args.process_index == 0:
+                self.dir.save_model(stage, self.model, self.tokenizer)
         if self.training_args.process_index == 0:
-            self.dir.save_model(stage, self.model, self.tokenizer)
             if self.extra:
                 torch.save(self.extra, self.dir.extra_path(stage))
         self._barrier()

@@ -44,6 +44,7 @@ __all__ = [
     "information_gain_from_logits",
     "information_gain",
     "ig_temperature",
+    "check_twin_labels",
 ]
 
 # Rows of [N, V] upcast to float32 at a time: bounds the transient memory of the logsumexp
@@ -137,7 +138,7 @@ def _response_targets(labels: torch.Tensor, ignore_index: int) -> list[list[int]
     return per_row
 
 
-def _check_twins(full_labels: torch.Tensor, masked_labels: torch.Tensor, ignore_index: int) -> None:
+def check_twin_labels(full_labels: torch.Tensor, masked_labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> None:
     """Raise if a row's twins do not mark the same response tokens (collator contract)."""
     if full_labels.shape[0] != masked_labels.shape[0]:
         raise ValueError(
@@ -185,14 +186,10 @@ def information_gain_from_logits(
         ``[B]`` float32 information gains (can be negative).
     """
     if check_twins:
-        _check_twins(full_labels, masked_labels, ignore_index)
+        check_twin_labels(full_labels, masked_labels, ignore_index)
     full = info_score(full_logits, full_labels, alpha, ignore_index)
     masked = info_score(masked_logits, masked_labels, alpha, ignore_index)
     return full - masked
-
-
-def _right_pad(tensor: torch.Tensor, length: int, value: int) -> torch.Tensor:
-    return torch.nn.functional.pad(tensor, (0, length - tensor.shape[1]), value=value)
 
 
 def _to(tensor: torch.Tensor, device: torch.device | None) -> torch.Tensor:
@@ -237,41 +234,26 @@ def information_gain(
     keys = ("input_ids", "attention_mask", "labels")
     full = [_to(batch[k], device) for k in keys]
     masked = [_to(batch[f"masked_{k}"], device) for k in keys]
-    _check_twins(full[2], masked[2], ignore_index)
+    check_twin_labels(full[2], masked[2], ignore_index)
 
+    # Logits only where the IG reads them (the response frame), as the trainer's passes do:
+    # for a small model the vocabulary projection of every prompt position dominates the cost.
+    from kpig_trainer.twins import Twin, accepts_logits_to_keep, forward_twins
+
+    frame = ignore_index == IGNORE_INDEX  # Twin finds the response frame by IGNORE_INDEX
+    twins = [Twin.from_tensors(*side, response_only=frame) for side in (full, masked)]
     was_training = model.training
     model.eval()
     try:
-        if fuse_twins:
-            length = max(full[0].shape[1], masked[0].shape[1])
-            pads = (0, 0, ignore_index)  # pad values for input_ids, attention_mask, labels
-            fused = [
-                torch.cat([_right_pad(f, length, v), _right_pad(m, length, v)])
-                for f, m, v in zip(full, masked, pads)
-            ]
-            logits = _logits(model, fused[0], fused[1])
-            batch_size = full[0].shape[0]
-            full_logits, masked_logits = logits[:batch_size], logits[batch_size:]
-            full_labels, masked_labels = fused[2][:batch_size], fused[2][batch_size:]
-        else:
-            full_logits, full_labels = _logits(model, full[0], full[1]), full[2]
-            masked_logits, masked_labels = _logits(model, masked[0], masked[1]), masked[2]
+        full_logits, masked_logits = forward_twins(
+            model, twins, fuse=fuse_twins, logits_to_keep=accepts_logits_to_keep(model)
+        )
     finally:
         model.train(was_training)
     return information_gain_from_logits(
-        full_logits, full_labels, masked_logits, masked_labels, alpha,
+        full_logits, twins[0].frame_labels, masked_logits, twins[1].frame_labels, alpha,
         ignore_index=ignore_index, check_twins=False,
     )
-
-
-def _logits(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
-) -> torch.Tensor:
-    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    if getattr(model, "config", None) is not None:
-        kwargs["use_cache"] = False  # HF models: no KV cache for a scoring pass
-    out = model(**kwargs)
-    return out.logits if hasattr(out, "logits") else out[0]
 
 
 def ig_temperature(

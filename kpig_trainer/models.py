@@ -398,3 +398,24 @@ def save_tiny_llama(path: str | os.PathLike, seed: int = 0, **kwargs) -> Path:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def is_zero3_partitioned(module) -> bool:
+    """Whether DeepSpeed ZeRO-3 holds ``module``'s parameters as shards (empty local tensors)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def full_weights(module):
+    """A context in which ``module`` has its full weights on every process.
+
+    Under DeepSpeed ZeRO-3 the shards are gathered (a full copy of the weights on each rank
+    until the context exits; every rank must enter it); otherwise it does nothing. For work
+    outside the DeepSpeed engine: evaluation, scoring, saving.
+    """
+    import contextlib
+
+    if not is_zero3_partitioned(module):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)

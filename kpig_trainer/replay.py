@@ -131,16 +131,19 @@ class ModelScorer:
     def entropy(self, instances: Sequence[Instance]) -> list[float]:
         """Mean predictive entropy of every instance's response, identical on every rank."""
 
+        from .twins import Twin, accepts_logits_to_keep, forward_twins
+
         def score(batch: Mapping[str, Any]) -> torch.Tensor:
             device = next(self.model.parameters()).device
+            twin = Twin.from_tensors(*(batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")),
+                                     response_only=True)
             was_training = self.model.training
             self.model.eval()
             try:
-                out = self.model(input_ids=batch["input_ids"].to(device),
-                                 attention_mask=batch["attention_mask"].to(device), use_cache=False)
+                logits = forward_twins(self.model, [twin], logits_to_keep=accepts_logits_to_keep(self.model))[0]
             finally:
                 self.model.train(was_training)
-            return response_entropy(out.logits, batch["labels"].to(device))
+            return response_entropy(logits, twin.frame_labels)
 
         return self._score(instances, score, "entropy")
 
@@ -148,7 +151,9 @@ class ModelScorer:
         from tqdm.auto import tqdm
 
         rank, world = _distributed()
-        mine = list(range(rank, len(instances), world))
+        # Similar lengths share a batch (less padding); the order is the same on every rank.
+        by_length = sorted(range(len(instances)), key=lambda i: (_length(instances[i]), i))
+        mine = by_length[rank::world]
         # Every rank runs the same number of forwards (sharded models run collectives inside
         # forward); a short shard repeats its last index and drops the extra result.
         steps = math.ceil(math.ceil(len(instances) / world) / self.batch_size) if instances else 0
@@ -169,6 +174,10 @@ class ModelScorer:
             for part in gathered:
                 local.update(part or {})
         return [local[i] for i in range(len(instances))]
+
+
+def _length(instance: Instance) -> int:
+    return len(instance.instruction) + len(instance.input) + len(instance.outputs[0] if instance.outputs else "")
 
 
 class ReplayStrategy:

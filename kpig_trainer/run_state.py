@@ -7,12 +7,16 @@ Layout of a run directory::
     stages/stage_01/model/      the model (or PEFT adapter) and tokenizer after stage 1
     stages/stage_01/extra.pt    stage state that is not a model (regulariser anchor, Fisher)
     stages/stage_02/trainer/    Trainer checkpoints inside a running stage (mid-stage resume)
-    logs/run.log                the run's log
+    logs/run.log                the run's log (Python logging of kpig_trainer and transformers)
+    logs/train.jsonl            the Trainer's log records (loss, ce, jsd, ig, ...), one per line
+    logs/replay.jsonl           each stage boundary's replay choice and score table
+    logs/*.rank<r>.*            the same files of process r > 0 in a distributed run
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -82,6 +86,25 @@ class RunDirectory:
 
     def extra_path(self, stage: int) -> Path:
         return self.stage_dir(stage) / "extra.pt"
+
+    def log_path(self, name: str, rank: int = 0) -> Path:
+        """``logs/<name>`` of process ``rank`` (``logs/run.rank1.log`` for ``run.log`` on rank 1)."""
+        path = Path(name)
+        if rank:
+            path = path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+        return self.root / "logs" / path
+
+    def append_log(self, name: str, record: dict[str, Any], rank: int = 0) -> None:
+        """Append ``record`` as one JSON line (a single write, so a kill never leaves half a line
+        in the middle of the file)."""
+        path = self.log_path(name, rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        line = (json.dumps(record, default=str) + "\n").encode("utf-8")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
 
     def last_trainer_checkpoint(self, stage: int) -> str | None:
         """The newest complete Trainer checkpoint inside a stage, if any."""

@@ -15,6 +15,9 @@ Algorithm 1 of the paper (arXiv 2403.10056) freezes a copy of ``M_{t-1}`` at eve
   log-probs per response token are memory-mapped from disk (:class:`TeacherCache`); no model
   is kept at all (appendix B).
 
+The twins' forward passes are in :mod:`kpig_trainer.twins`, the cache's store in
+:mod:`kpig_trainer.teacher_cache`.
+
 Lifecycle: :meth:`PreviousModel.snapshot` takes the current weights as the previous model. The
 trainer calls it in its constructor (``"cached"``: when ``train()`` starts, before any update)
 and the stage loop calls ``KPIGTrainer.snapshot_previous_model()`` at each stage boundary.
@@ -23,23 +26,19 @@ and the stage loop calls ``KPIGTrainer.snapshot_previous_model()`` at each stage
 from __future__ import annotations
 
 import copy
-import inspect
-import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from kpig_trainer.fileio import atomic_write_text
 from kpig_trainer.info_gain import information_gain_from_logits
-from kpig_trainer.losses import IGNORE_INDEX, topk_teacher_cache
+from kpig_trainer.models import is_zero3_partitioned
+from kpig_trainer.teacher_cache import TeacherCache, build_teacher_cache
+from kpig_trainer.twins import TwinBatch
 
 if TYPE_CHECKING:
     from kpig_trainer.trainer import KPIGTrainer
@@ -51,173 +50,13 @@ PREVIOUS_ADAPTER = "kpig_previous"
 
 __all__ = [
     "PREVIOUS_ADAPTER",
-    "Twin",
-    "TwinBatch",
-    "forward_twins",
     "TeacherTargets",
     "PreviousModel",
     "FrozenCopy",
     "AdapterSnapshot",
     "CachedTeacher",
-    "TeacherCache",
     "make_previous_model",
 ]
-
-
-# --------------------------------------------------------------------------------------------
-# Twins and their forward passes
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Twin:
-    """One side of a KPIG batch (the full instances or their masked twins).
-
-    ``start`` and ``stop`` delimit the *logits frame*: the positions whose logits are computed.
-    Losses receive ``logits[:, start:stop]`` with :attr:`frame_labels` ``= labels[:, start:stop]``,
-    which keeps the causal convention (the logits at frame column ``j - 1`` predict the label at
-    column ``j``). With ``response_logits_only`` the frame spans the batch's response tokens only.
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
-    start: int
-    stop: int
-
-    @classmethod
-    def from_tensors(cls, input_ids, attention_mask, labels, response_only: bool) -> Twin:
-        start, stop = 0, labels.shape[1]
-        if response_only:
-            # The logits at position t predict the label at t + 1.
-            columns = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().flatten()
-            if columns.numel() == 0:
-                start, stop = 0, 1
-            else:
-                first, last = torch.stack([columns[0], columns[-1]]).tolist()
-                start, stop = first, last + 2
-        return cls(input_ids, attention_mask, labels, start, stop)
-
-    @property
-    def frame_labels(self) -> torch.Tensor:
-        return self.labels[:, self.start : self.stop]
-
-    @property
-    def batch_size(self) -> int:
-        return self.input_ids.shape[0]
-
-    def response_counts(self) -> torch.Tensor:
-        """Number of response tokens of each row, ``[B]``."""
-        return (self.labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
-
-    def token_hashes(self) -> list[int]:
-        """A hash of each row's unpadded token ids (identifies the exact twin a cache saw)."""
-        rows = self.input_ids.tolist()
-        masks = self.attention_mask.tolist()
-        return [hash(tuple(t for t, m in zip(row, mask) if m)) for row, mask in zip(rows, masks)]
-
-
-@dataclass
-class TwinBatch:
-    """A collated KPIG batch (see the batch contract in :mod:`kpig_trainer.info_gain`)."""
-
-    full: Twin
-    masked: Twin | None
-    ids: list[str] | None
-
-    @classmethod
-    def from_inputs(
-        cls, inputs: Mapping[str, Any], response_only: bool, need_masked: bool = True
-    ) -> TwinBatch:
-        required = ["input_ids", "attention_mask", "labels"]
-        if need_masked:
-            required += ["masked_input_ids", "masked_attention_mask", "masked_labels"]
-        missing = [key for key in required if key not in inputs]
-        if missing:
-            raise KeyError(
-                f"KPIG batch is missing {missing}; a KPIG batch carries input_ids, attention_mask, "
-                "labels, masked_input_ids, masked_attention_mask, masked_labels (and ids for the "
-                "'cached' mode), as built by kpig_trainer.data.collator.KPIGDataCollator"
-            )
-        def twin(prefix: str) -> Twin:
-            return Twin.from_tensors(
-                inputs[f"{prefix}input_ids"], inputs[f"{prefix}attention_mask"], inputs[f"{prefix}labels"],
-                response_only,
-            )
-
-        full = twin("")
-        masked = twin("masked_") if need_masked else None
-        ids = inputs.get("ids")
-        return cls(full, masked, list(ids) if ids is not None else None)
-
-    def twin(self, name: str) -> Twin:
-        if name == "full":
-            return self.full
-        if self.masked is None:
-            raise KeyError("this step needs the masked twin, but the batch has no masked_input_ids")
-        return self.masked
-
-
-def _pad_right(tensor: torch.Tensor, length: int, value: int) -> torch.Tensor:
-    return F.pad(tensor, (0, length - tensor.shape[1]), value=value)
-
-
-def _logits(model, input_ids, attention_mask, start: int, stop: int, keep_kwarg: bool) -> torch.Tensor:
-    """Logits at positions ``[start, stop)``, asking the model for those only when it can."""
-    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
-    length = input_ids.shape[1]
-    trimmed = start > 0 or stop < length
-    if keep_kwarg and trimmed:
-        # An int keeps the last positions (a view); a tensor selects arbitrary ones (a copy).
-        kwargs["logits_to_keep"] = (
-            length - start if stop == length else torch.arange(start, stop, device=input_ids.device)
-        )
-    output = model(**kwargs)
-    logits = output.logits if hasattr(output, "logits") else output[0]
-    if trimmed and not keep_kwarg:
-        logits = logits[:, start:stop]
-    return logits
-
-
-def forward_twins(
-    model: torch.nn.Module, twins: Sequence[Twin], *, fuse: bool = True, logits_to_keep: bool = False
-) -> list[torch.Tensor]:
-    """Logits of ``model`` on each twin, in that twin's frame (``[B, stop - start, V]``).
-
-    With ``fuse`` the twins are right-padded to a common length (attention mask 0) and run as
-    one batch of ``sum(B)`` rows. Right padding after a row's last token cannot change a causal
-    model's logits at earlier positions, so each twin's logits equal those of its own forward
-    (up to float reassociation in batched kernels). ``logits_to_keep``: the model's ``forward``
-    accepts that argument (Hugging Face causal LMs do).
-    """
-    if not fuse or len(twins) == 1:
-        return [
-            _logits(model, t.input_ids, t.attention_mask, t.start, t.stop, logits_to_keep) for t in twins
-        ]
-    length = max(t.input_ids.shape[1] for t in twins)
-    input_ids = torch.cat([_pad_right(t.input_ids, length, 0) for t in twins])
-    attention_mask = torch.cat([_pad_right(t.attention_mask, length, 0) for t in twins])
-    start, stop = min(t.start for t in twins), max(t.stop for t in twins)
-    logits = _logits(model, input_ids, attention_mask, start, stop, logits_to_keep)
-    out, row = [], 0
-    for t in twins:
-        out.append(logits[row : row + t.batch_size, t.start - start : t.stop - start])
-        row += t.batch_size
-    return out
-
-
-def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    """Whether the (unwrapped) model's ``forward`` takes ``logits_to_keep``."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    try:
-        return "logits_to_keep" in inspect.signature(inner.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-# --------------------------------------------------------------------------------------------
-# Previous-stage model
-# --------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -294,10 +133,20 @@ class FrozenCopy(PreviousModel):
         accelerator = self.trainer.accelerator
         source = accelerator.unwrap_model(self.trainer.model)
         if self.model is not None:  # later stages: overwrite the weights in place
-            with torch.no_grad():
-                accelerator.unwrap_model(self.model).load_state_dict(source.state_dict())
+            copy_weights(source, accelerator.unwrap_model(self.model))
             return
-        teacher = copy.deepcopy(source)
+        if is_zero3_partitioned(source):
+            # ZeRO-3 after training: the parameters are shards, a deep copy would copy shards and
+            # DeepSpeed's hooks. Build the architecture anew and copy the gathered weights.
+            if not hasattr(type(source), "_from_config"):
+                raise ValueError(
+                    "previous_model='copy' under DeepSpeed ZeRO-3 needs a transformers model; for PEFT "
+                    "models use previous_model='adapter', or 'cached'"
+                )
+            teacher = type(source)._from_config(source.config, dtype=next(source.parameters()).dtype)
+            copy_weights(source, teacher)
+        else:
+            teacher = copy.deepcopy(source)
         teacher.requires_grad_(False)
         teacher.eval()
         if self.trainer.is_deepspeed_enabled:
@@ -314,6 +163,34 @@ class FrozenCopy(PreviousModel):
 
     def release(self) -> None:
         self.model = None
+
+
+@torch.no_grad()
+def copy_weights(source: torch.nn.Module, target: torch.nn.Module) -> None:
+    """Copy ``source``'s parameters and buffers into ``target`` (the same architecture).
+
+    Under DeepSpeed ZeRO-3 either side may be sharded: each parameter pair is gathered, rank 0
+    copies and DeepSpeed re-shards ``target`` from rank 0. Every process must call it.
+    """
+    if not (is_zero3_partitioned(source) or is_zero3_partitioned(target)):
+        target.load_state_dict(source.state_dict())
+        return
+    import deepspeed
+
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    targets = dict(target.named_parameters())
+    missing = [name for name, _ in source.named_parameters() if name not in targets]
+    if missing:
+        raise ValueError(f"copy_weights: the target model has no parameters {missing[:3]}")
+    for name, param in source.named_parameters():
+        into = targets[name]
+        with deepspeed.zero.GatheredParameters([param, into], modifier_rank=0):
+            if rank == 0 or not hasattr(into, "ds_id"):
+                into.data.copy_(param.data)
+    buffers = dict(target.named_buffers())
+    for name, buffer in source.named_buffers():
+        if name in buffers:
+            buffers[name].copy_(buffer)
 
 
 class AdapterSnapshot(PreviousModel):
@@ -442,209 +319,3 @@ class CachedTeacher(PreviousModel):
 def make_previous_model(mode: str, trainer: KPIGTrainer) -> PreviousModel:
     classes = {cls.mode: cls for cls in (FrozenCopy, AdapterSnapshot, CachedTeacher)}
     return classes[mode](trainer)
-
-
-# --------------------------------------------------------------------------------------------
-# Teacher cache on disk
-# --------------------------------------------------------------------------------------------
-
-_FORMAT = 1
-
-
-class TeacherCache:
-    """Read side of the ``"cached"`` mode's store.
-
-    Layout of ``directory`` (one set of files per rank that built a shard)::
-
-        part-00000.logprobs.f32   float32 [N_tokens, k]  top-k log-probs (temperature 1)
-        part-00000.indices.i32    int32   [N_tokens, k]  their vocabulary ids
-        part-00000.index.json     {"meta": {...}, "entries": {id: [offset, length, ig, hash]}}
-
-    Rows ``offset .. offset + length`` of the arrays are the instance's response tokens, left to
-    right (the packed order of :func:`kpig_trainer.losses.gather_response_positions`); ``ig`` is
-    the previous model's information gain (``null`` when not computed); ``hash`` identifies the
-    exact token ids of the twin the teacher saw. Arrays are opened with ``numpy.memmap``: only
-    the rows a step reads are paged in.
-    """
-
-    def __init__(self, directory: str | os.PathLike, world_size: int = 1):
-        self.directory = Path(directory)
-        self._arrays: list[tuple[np.memmap, np.memmap]] = []
-        self.entries: dict[str, tuple[int, int, int, float | None, int]] = {}
-        self.meta: dict[str, Any] = {}
-        self._warned_twins = False
-        for part in range(world_size):
-            stem = self.directory / f"part-{part:05d}"
-            with open(f"{stem}.index.json", encoding="utf-8") as handle:
-                index = json.load(handle)
-            meta = index["meta"]
-            if meta.get("format") != _FORMAT:
-                raise ValueError(f"{stem}.index.json: unknown teacher cache format {meta.get('format')!r}")
-            self.meta = meta
-            k, tokens = meta["k"], meta["num_tokens"]
-            shape = (tokens, k)
-            logprobs = _open_array(f"{stem}.logprobs.f32", np.float32, shape)
-            self._arrays.append((logprobs, _open_array(f"{stem}.indices.i32", np.int32, shape)))
-            for key, (offset, length, ig, digest) in index["entries"].items():
-                self.entries.setdefault(key, (part, offset, length, ig, digest))
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.entries
-
-    def lookup(
-        self,
-        ids: Sequence[str],
-        lengths: Sequence[int],
-        hashes: Sequence[int] | None,
-        device: torch.device,
-        *,
-        with_info_gain: bool = False,
-        strict: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
-        """Packed ``(logprobs [N, k], indices [N, k] int64, info_gain [B] or None)`` for a batch.
-
-        ``lengths`` are the rows' response-token counts (checked against the cache). A missing id
-        raises ``KeyError`` when ``strict``, else the method returns ``None``.
-        """
-        missing = [key for key in ids if key not in self.entries]
-        if missing:
-            if not strict:
-                return None
-            raise KeyError(
-                f"{len(missing)} instance ids of the batch are not in the teacher cache {self.directory} "
-                f"(e.g. {missing[0]!r}); the cache covers the train dataset at the last snapshot: call "
-                "trainer.snapshot_previous_model() after changing train_dataset"
-            )
-        entries = [self.entries[key] for key in ids]
-        bad = [key for key, entry, n in zip(ids, entries, lengths) if entry[2] != n]
-        if bad:
-            raise ValueError(
-                f"teacher cache and batch disagree on the number of response tokens for {bad[:3]}; "
-                "was the dataset or max_length changed after the cache was built?"
-            )
-        if hashes is not None and not self._warned_twins:
-            changed = sum(entry[4] != h for entry, h in zip(entries, hashes))
-            if changed:
-                self._warned_twins = True
-                logger.warning(
-                    "%d of %d twins in a batch differ from the ones the teacher cache was built on "
-                    "(same response, different prompt tokens): the collator samples instruction "
-                    "variants on the fly. The cached teacher targets then belong to another variant; "
-                    "sample the variants once as a pre-processing step (appendix B). Warned once.",
-                    changed, len(entries),
-                )
-        logprobs = np.concatenate([self._arrays[p][0][o : o + n] for p, o, n, _, _ in entries])
-        indices = np.concatenate([self._arrays[p][1][o : o + n] for p, o, n, _, _ in entries])
-        info_gain = None
-        if with_info_gain:
-            values = [entry[3] for entry in entries]
-            if any(v is None for v in values):
-                raise ValueError(
-                    "the teacher cache holds no information gain; it was built with ig_source='current'"
-                )
-            info_gain = torch.tensor(values, dtype=torch.float32, device=device)
-        return (
-            torch.from_numpy(logprobs).to(device),
-            torch.from_numpy(indices).to(device=device, dtype=torch.long),
-            info_gain,
-        )
-
-
-def _open_array(path: str, dtype, shape: tuple[int, int]) -> np.ndarray:
-    # numpy cannot memory-map an empty file.
-    return np.memmap(path, dtype=dtype, mode="r", shape=shape) if shape[0] else np.zeros(shape, dtype)
-
-
-class _CacheWriter:
-    """Append-only writer of one rank's part of a :class:`TeacherCache`."""
-
-    def __init__(self, directory: Path, rank: int, meta: dict[str, Any]):
-        directory.mkdir(parents=True, exist_ok=True)
-        self.stem = directory / f"part-{rank:05d}"
-        self.meta = {"format": _FORMAT, **meta}
-        self.entries: dict[str, list] = {}
-        self.offset = 0
-        self._logprobs = open(f"{self.stem}.logprobs.f32", "wb")
-        self._indices = open(f"{self.stem}.indices.i32", "wb")
-
-    def add(self, ids, logprobs: torch.Tensor, indices: torch.Tensor, lengths, hashes, info_gain) -> None:
-        self._logprobs.write(logprobs.detach().float().cpu().numpy().tobytes())
-        self._indices.write(indices.detach().to(torch.int32).cpu().numpy().tobytes())
-        for i, (key, length, digest) in enumerate(zip(ids, lengths, hashes)):
-            ig = None if info_gain is None else float(info_gain[i])
-            if key not in self.entries:  # a repeated id (shard padding) keeps its first copy
-                self.entries[key] = [self.offset, int(length), ig, digest]
-            self.offset += int(length)
-
-    def close(self) -> None:
-        self._logprobs.close()
-        self._indices.close()
-        self.meta["num_tokens"] = self.offset
-        atomic_write_text(f"{self.stem}.index.json", json.dumps({"meta": self.meta, "entries": self.entries}))
-
-
-def build_teacher_cache(trainer: KPIGTrainer, directory: Path) -> TeacherCache:
-    """Run the current model over the train dataset's JSD twins once and store the cache.
-
-    Each rank scores the instances ``rank, rank + world, ...`` (no grad, eval mode, batches of
-    ``per_device_eval_batch_size``) and writes its own part; all ranks then open every part.
-    """
-    from torch.utils.data import DataLoader, IterableDataset, Subset
-    from tqdm.auto import tqdm
-
-    args, accelerator = trainer.args, trainer.accelerator
-    dataset = trainer.train_dataset
-    if dataset is None:
-        raise ValueError("previous_model='cached' needs a train_dataset to build the teacher cache from")
-    if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
-        raise ValueError("previous_model='cached' needs a map-style train_dataset (with __len__)")
-    jsd_twin = args.jsd_on
-    with_info_gain = args.ig_source == "previous"
-    names = ["full", "masked"] if with_info_gain else [jsd_twin]
-    rank, world = accelerator.process_index, accelerator.num_processes
-    loader = DataLoader(
-        Subset(dataset, range(rank, len(dataset), world)),
-        batch_size=args.per_device_eval_batch_size,
-        collate_fn=trainer.data_collator,
-        shuffle=False,
-        num_workers=args.dataloader_num_workers,
-    )
-    meta = {"k": args.teacher_topk, "twin": jsd_twin, "alpha": args.alpha, "has_info_gain": with_info_gain}
-    writer = _CacheWriter(directory, rank, meta)
-    model = accelerator.unwrap_model(trainer.model)
-    was_training = model.training
-    model.eval()
-    progress = tqdm(
-        loader, desc="KPIG teacher cache", disable=args.disable_tqdm or not trainer.is_local_process_zero()
-    )
-    try:
-        with torch.no_grad(), accelerator.autocast():
-            for inputs in progress:
-                inputs = trainer._prepare_inputs(inputs)
-                batch = TwinBatch.from_inputs(inputs, args.response_logits_only, "masked" in names)
-                if batch.ids is None:
-                    raise KeyError("previous_model='cached' needs the instance ids in the batch (key 'ids')")
-                logits = dict(zip(names, trainer._forward(model, [batch.twin(name) for name in names])))
-                twin = batch.twin(jsd_twin)
-                logprobs, indices = topk_teacher_cache(logits[jsd_twin], twin.frame_labels, args.teacher_topk)
-                info_gain = None
-                if with_info_gain:
-                    info_gain = information_gain_from_logits(
-                        logits["full"], batch.full.frame_labels, logits["masked"], batch.masked.frame_labels,
-                        args.alpha,
-                    ).tolist()
-                counts = twin.response_counts().tolist()
-                writer.add(batch.ids, logprobs, indices, counts, twin.token_hashes(), info_gain)
-    finally:
-        writer.close()
-        model.train(was_training)
-    accelerator.wait_for_everyone()
-    cache = TeacherCache(directory, world)
-    logger.info(
-        "KPIG teacher cache: %d instances, top-%d log-probs on the %s twins, in %s",
-        len(cache), args.teacher_topk, jsd_twin, directory,
-    )
-    return cache

@@ -21,16 +21,10 @@ from transformers import Trainer, TrainingArguments
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from kpig_trainer.config import KPIGConfig
-from kpig_trainer.info_gain import _check_twins, ig_temperature, info_score
+from kpig_trainer.info_gain import check_twin_labels, ig_temperature, info_score
 from kpig_trainer.losses import cross_entropy_loss, kpig_jsd, kpig_jsd_topk
-from kpig_trainer.teacher import (
-    PreviousModel,
-    TeacherTargets,
-    TwinBatch,
-    accepts_logits_to_keep,
-    forward_twins,
-    make_previous_model,
-)
+from kpig_trainer.teacher import PreviousModel, TeacherTargets, make_previous_model
+from kpig_trainer.twins import TwinBatch, accepts_logits_to_keep, forward_twins
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +222,7 @@ class KPIGTrainer(Trainer):
         response_only = args.response_logits_only and not return_outputs
         batch = TwinBatch.from_inputs(inputs, response_only, need_masked=need_masked)
         if batch.masked is not None and not self._twins_checked and mode == "train":
-            _check_twins(batch.full.labels, batch.masked.labels, -100)  # once: the collator's contract
+            check_twin_labels(batch.full.labels, batch.masked.labels)  # once: the collator's contract
             self._twins_checked = True
         full = batch.full
         num_tokens = full.response_counts().sum()

@@ -81,3 +81,19 @@ def test_parsed_from_the_command_line():
     assert (cfg.previous_model, cfg.jsd_weight, cfg.use_temperature, cfg.jsd_on) == ("cached", 0.05, False, "full")
     with pytest.raises(SystemExit):
         HfArgumentParser(KPIGConfig).parse_args_into_dataclasses(["--output_dir", "x", "--previous_model", "ema"])
+
+
+def test_cpu_only_machines_join_a_multi_process_launch(monkeypatch):
+    # Without use_cpu (or, under DeepSpeed, a gloo backend) transformers would run every launched
+    # process alone as rank 0 of 1 on a machine without GPUs.
+    monkeypatch.setattr(config_module, "_cpu_only_machine", lambda: True)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    plain = KPIGConfig(output_dir="out")
+    assert plain.use_cpu and plain.ddp_backend is None
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    under_deepspeed = KPIGConfig(output_dir="out")
+    assert under_deepspeed.ddp_backend == "gloo" and not under_deepspeed.use_cpu
+    assert KPIGConfig(output_dir="out", ddp_backend="ccl").ddp_backend == "ccl"  # a user's choice stays
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    monkeypatch.setattr(config_module, "_cpu_only_machine", lambda: False)
+    assert not KPIGConfig(output_dir="out").use_cpu  # a GPU machine: untouched

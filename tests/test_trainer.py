@@ -18,7 +18,8 @@ from kpig_trainer.config import KPIGConfig
 from kpig_trainer.data.collator import KPIGDataCollator
 from kpig_trainer.info_gain import information_gain
 from kpig_trainer.models import tiny_llama
-from kpig_trainer.teacher import PREVIOUS_ADAPTER, TeacherCache
+from kpig_trainer.teacher import PREVIOUS_ADAPTER
+from kpig_trainer.teacher_cache import TeacherCache
 from kpig_trainer.trainer import KPIGTrainer
 
 IGNORE = -100
