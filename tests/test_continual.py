@@ -204,3 +204,63 @@ def test_insta_selection_trains_on_the_most_similar_tasks(data_dir):
         "held_task", ["alpha_task", "beta_task", "gamma_task"], 2)
     assert stream.seen == [t for t, _ in direct] and stream.held_out == ["held_task"]
     assert [s.tasks for s in stream.stages] == [(t,) for t, _ in direct]
+
+
+def _sampled(runner, stage, task):
+    """The N instances of ``task`` a strategy sees at the boundary before ``stage`` (documented
+    seeding: ``random.Random(f"{seed}/{stage}/{task}")``)."""
+    import random
+
+    pool = list(runner.stream.train[task])
+    return random.Random(f"0/{stage}/{task}").sample(pool, min(2, len(pool)))
+
+
+def _ids(instances):
+    return [[i.task, i.id] for i in instances]
+
+
+@pytest.mark.parametrize("strategy", ["none", "all", "random", "entropy"])
+def test_replay_sets_are_what_each_strategy_defines(data_dir, tmp_path, strategy):
+    import random
+
+    runner = make_runner(data_dir, tmp_path / strategy, method="sft", replay_strategy=strategy, keep_last_stages=0)
+    state = runner.run()
+    assert state.completed == 3
+    for stage, seen in ((1, ["alpha_task"]), (2, ["alpha_task", "beta_task"])):
+        choice = state.replay[str(stage)]
+        if strategy == "none":
+            assert choice["tasks"] == [] and choice["instances"] == []
+        elif strategy == "all":
+            assert choice["tasks"] == seen
+            assert choice["instances"] == [x for t in seen for x in _ids(_sampled(runner, stage, t))]
+        elif strategy == "random":
+            tasks = random.Random(f"0/{stage}/random-tasks").sample(seen, 1)
+            assert choice["tasks"] == tasks
+            assert choice["instances"] == _ids(_sampled(runner, stage, tasks[0]))
+    if strategy == "random":  # seeded: a second run chooses the same
+        again = make_runner(data_dir, tmp_path / "again", method="sft", replay_strategy="random").run()
+        assert again.replay == state.replay
+    if strategy == "entropy":
+        # Recompute, one instance at a time with a plain loop, the mean predictive entropy of each
+        # candidate's response under the stage-2 model; the M x N = 2 highest are replayed.
+        from kpig_trainer.data.collator import KPIGDataCollator
+        from kpig_trainer.models import load_model_and_tokenizer
+
+        model, tokenizer = load_model_and_tokenizer(tmp_path / strategy / "stages" / "stage_02" / "model")
+        model.eval()
+        collate = KPIGDataCollator(tokenizer, max_length=128, with_masked=False)
+        entropies = {}
+        for task in ("alpha_task", "beta_task"):
+            for instance in _sampled(runner, 2, task):
+                batch = collate([instance])
+                with torch.no_grad():
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[0]
+                labels = batch["labels"][0].tolist()
+                values = []
+                for t in range(1, len(labels)):
+                    if labels[t] != -100:
+                        p = torch.softmax(logits[t - 1].double(), dim=-1)
+                        values.append(float(-(p * p.log()).sum()))
+                entropies[(task, instance.id)] = sum(values) / len(values)
+        top = sorted(entropies, key=lambda key: -entropies[key])[:2]
+        assert sorted(map(tuple, state.replay["2"]["instances"])) == sorted(top)
