@@ -14,9 +14,10 @@ paper's baselines are runs of the same code with another ``replay_strategy`` nam
   stage's (sentence-embedding cosine, :mod:`kpig_trainer.selection`).
 * ``kpig+similarity``: the ``M`` lowest-IG tasks among the ``2M`` most similar ones.
 
-Model scores are computed by a :class:`ModelScorer`, which shards the instances over the
-processes of a distributed run and all-gathers the scores, so that every rank sees the same
-numbers and selects the same tasks (a rank that chose differently would hang the run).
+Model scores are computed by a :class:`ModelScorer` in batches of one task's instances (their
+shared instruction runs once per batch), dealt to the processes of a distributed run in turns;
+the scores are all-gathered, so that every rank sees the same numbers and selects the same tasks
+(a rank that chose differently would hang the run).
 Ties are broken by task name, never by dictionary or set order.
 """
 
@@ -151,22 +152,26 @@ class ModelScorer:
         from tqdm.auto import tqdm
 
         rank, world = _distributed()
-        # Similar lengths share a batch (less padding); the order is the same on every rank.
-        by_length = sorted(range(len(instances)), key=lambda i: (_length(instances[i]), i))
-        mine = by_length[rank::world]
+        # A batch holds one task's instances (they share the instruction: its tokens run once,
+        # see `information_gain(share_prefix=...)`), of similar lengths (little padding).
+        # Batches are dealt to the processes in turns; the order is the same on every rank.
+        by_task: dict[str, list[int]] = {}
+        for i in sorted(range(len(instances)), key=lambda i: (instances[i].task, _length(instances[i]), i)):
+            by_task.setdefault(instances[i].task, []).append(i)
+        batches = [rows[s:s + self.batch_size] for rows in by_task.values()
+                   for s in range(0, len(rows), self.batch_size)]
+        mine = batches[rank::world]
         # Every rank runs the same number of forwards (sharded models run collectives inside
-        # forward); a short shard repeats its last index and drops the extra result.
-        steps = math.ceil(math.ceil(len(instances) / world) / self.batch_size) if instances else 0
+        # forward): a rank with fewer batches repeats one and drops its result.
+        steps = math.ceil(len(batches) / world)
         local: dict[int, float] = {}
-        bar = tqdm(total=len(mine), desc=f"replay: {what}", disable=not self.show_progress or rank != 0)
+        bar = tqdm(total=sum(map(len, mine)), desc=f"replay: {what}", disable=not self.show_progress or rank != 0)
         for step in range(steps):
-            chunk = mine[step * self.batch_size:(step + 1) * self.batch_size]
-            padded = chunk + [mine[-1] if mine else 0] * (self.batch_size - len(chunk)) if world > 1 else chunk
-            if not padded:
-                continue
-            values = fn(self.collator([instances[i] for i in padded])).tolist()
-            local.update(zip(chunk, values[: len(chunk)]))
-            bar.update(len(chunk))
+            rows = mine[step] if step < len(mine) else (mine or batches)[-1]
+            values = fn(self.collator([instances[i] for i in rows])).tolist()
+            if step < len(mine):
+                local.update(zip(rows, values))
+                bar.update(len(rows))
         bar.close()
         if world > 1:
             gathered: list[dict[int, float] | None] = [None] * world

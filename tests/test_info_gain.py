@@ -300,3 +300,43 @@ def test_ig_temperature_clamps():
 def test_ig_temperature_detached():
     ig = torch.tensor([0.2], requires_grad=True)
     assert not ig_temperature(ig).requires_grad
+
+
+def test_shared_prefix_equals_full_forwards(tiny_model_and_tokenizer):
+    """Instances of one task share the instruction: running it once (key/value cache repeated for
+    every row) must give the IG of plain forwards, and of each instance alone."""
+    from kpig_trainer.data.collator import KPIGDataCollator
+    from kpig_trainer.data.records import Instance
+    from kpig_trainer.twins import MIN_SHARED_PREFIX, Twin, common_prefix_length
+
+    model, tokenizer = tiny_model_and_tokenizer
+    instruction = ("Read the short review below and decide how the writer feels about the product. "
+                   "Answer with positive or negative only, in lower case.")
+    inputs = ["great", "it broke after two days and support never answered", "fine I guess",
+              "the best purchase of the year, my whole family uses it"]
+    instances = [Instance(id=f"i{k}", task="t", instruction=instruction, input=text,
+                          outputs=["positive" if k % 2 == 0 else "negative"], key_parts=["positive or negative"])
+                 for k, text in enumerate(inputs)]
+    batch = KPIGDataCollator(tokenizer, max_length=256)(instances)
+    twin = Twin.from_tensors(batch["input_ids"], batch["attention_mask"], batch["labels"], response_only=True)
+    assert common_prefix_length(twin) >= MIN_SHARED_PREFIX  # the premise: a long shared prefix
+
+    calls = []
+    original = model.forward
+
+    def recording(*args, **kwargs):
+        calls.append(tuple(kwargs["input_ids"].shape))
+        return original(*args, **kwargs)
+
+    model.forward = recording
+    try:
+        shared = information_gain(model, batch, 0.3, share_prefix=True)
+    finally:
+        del model.forward
+    assert calls[0][0] == 1 and calls[1][0] == len(instances)  # prefix once, then every row's rest
+    plain = information_gain(model, batch, 0.3, share_prefix=False)
+    alone = [information_gain(model, KPIGDataCollator(tokenizer, max_length=256)([i]), 0.3).item()
+             for i in instances]
+    assert shared.tolist() == pytest.approx(plain.tolist(), abs=1e-6)
+    assert shared.tolist() == pytest.approx(alone, abs=1e-6)
+    assert len(set(shared.tolist())) == len(instances)  # the rows really differ

@@ -156,13 +156,17 @@ def information_gains(
     )
     result: list[float | None] = [None] * len(instances)
     scored = [k for k, instance in enumerate(instances) if instance.key_parts]
-    # Similar lengths together: less padding in each forward.
-    scored.sort(key=lambda k: len(instances[k].instruction) + len(instances[k].input) + len(instances[k].output))
+    # One task per batch (the shared instruction runs once: `information_gain(share_prefix=...)`),
+    # similar lengths together (less padding).
+    by_task: dict[str, list[int]] = {}
+    for k in sorted(scored, key=lambda k: (instances[k].task, len(instances[k].instruction)
+                                           + len(instances[k].input) + len(instances[k].output), k)):
+        by_task.setdefault(instances[k].task, []).append(k)
+    batches = [rows[s:s + batch_size] for rows in by_task.values() for s in range(0, len(rows), batch_size)]
     from tqdm.auto import tqdm
 
     with tqdm(total=len(scored), desc="information gain", unit="instance", disable=not show_progress) as bar:
-        for start in range(0, len(scored), batch_size):
-            rows = scored[start:start + batch_size]
+        for rows in batches:
             batch = collator([instances[k] for k in rows])
             gains = information_gain(model, batch, alpha)
             for k, gain in zip(rows, gains.tolist()):
