@@ -18,7 +18,6 @@ pipeline's shape: ``{task: [{"instruction": str, ...}, ...]}``), else its defini
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -126,29 +125,23 @@ def task_instructions(task: Task, pools: Pools | None = None) -> list[str]:
 
 
 def load_pools(directory: str | os.PathLike) -> dict[str, list[dict[str, Any]]]:
-    """Instruction pools from a folder of ``<task>.jsonl`` files (one JSON object a line).
+    """Instruction pools from a folder of ``<task>.jsonl`` files (one JSON object a line), read as
+    :func:`kpig_trainer.diversity.read_pool` reads them; ``key_parts`` are optional here.
 
     A corrupt last line (an interrupted append) is dropped with a warning; any other bad line or an
     entry without ``instruction`` is an error naming the file and line.
     """
+    from .diversity.cache import read_pool
+
     root = Path(directory)
     if not root.is_dir():
         raise SelectionError(f"pools folder {str(root)!r} does not exist")
     pools: dict[str, list[dict[str, Any]]] = {}
     for path in sorted(root.glob("*.jsonl")):
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        entries = []
-        for number, line in enumerate(lines, 1):
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as err:
-                if number == len(lines):
-                    logger.warning("%s: dropping corrupt last line %d (%s)", path, number, err)
-                    continue
-                raise SelectionError(f"{path}: line {number}: not JSON: {err}") from err
-            if not isinstance(entry, dict) or not str(entry.get("instruction") or "").strip():
-                raise SelectionError(f"{path}: line {number}: entry has no 'instruction'")
-            entries.append(entry)
+        try:
+            entries = read_pool(path, key_parts=False)
+        except DataError as err:
+            raise SelectionError(str(err)) from None
         if entries:
             pools[path.stem] = entries
     if not pools:

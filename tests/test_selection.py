@@ -223,9 +223,9 @@ def test_load_pools_reads_jsonl_and_drops_a_torn_last_line(tmp_path, caplog):
     rows = [{"instruction": "Classify the comment.", "key_parts": []}, {"instruction": "Label the comment."}]
     (tmp_path / "task_a.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + '\n{"instruction": "Lab')
     assert load_pools(tmp_path) == {"task_a": rows}
-    assert "corrupt last line" in caplog.text
+    assert "incomplete or corrupt" in caplog.text
     (tmp_path / "task_b.jsonl").write_text('{"instruction": \n{"instruction": "ok"}\n')
-    with pytest.raises(SelectionError, match="task_b.jsonl: line 1: not JSON"):
+    with pytest.raises(SelectionError, match="task_b.jsonl: line 1: corrupt pool entry"):
         load_pools(tmp_path)
     with pytest.raises(SelectionError, match="does not exist"):
         load_pools(tmp_path / "nowhere")

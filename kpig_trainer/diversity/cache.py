@@ -42,18 +42,20 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _check_entry(entry: Any, where: str) -> dict[str, Any]:
+def _check_entry(entry: Any, where: str, key_parts: bool = True) -> dict[str, Any]:
     if not isinstance(entry, dict):
         raise ValueError(f"{where}expected a JSON object")
     if not isinstance(entry.get("instruction"), str) or not entry["instruction"].strip():
         raise ValueError(f"{where}missing or empty 'instruction'")
+    if not key_parts and "key_parts" not in entry:
+        return entry
     parts = entry.get("key_parts")
     if not isinstance(parts, list) or not all(isinstance(p, str) for p in parts):
         raise ValueError(f"{where}'key_parts' must be a list of strings")
     return entry
 
 
-def _parse(data: bytes, path: Path) -> tuple[list[dict[str, Any]], int | None]:
+def _parse(data: bytes, path: Path, key_parts: bool = True) -> tuple[list[dict[str, Any]], int | None]:
     """Entries of a pool file, and the byte offset to truncate to when the last line is torn."""
     entries: list[dict[str, Any]] = []
     lines = data.split(b"\n")
@@ -63,7 +65,7 @@ def _parse(data: bytes, path: Path) -> tuple[list[dict[str, Any]], int | None]:
         is_last = number == len(lines) or (number == len(lines) - 1 and complete)
         if raw.strip():
             try:
-                entries.append(_check_entry(json.loads(raw.decode("utf-8")), ""))
+                entries.append(_check_entry(json.loads(raw.decode("utf-8")), "", key_parts))
             except (ValueError, UnicodeDecodeError) as error:
                 if not is_last:
                     raise DataError(f"{path}: line {number}: corrupt pool entry ({error}); "
@@ -74,18 +76,19 @@ def _parse(data: bytes, path: Path) -> tuple[list[dict[str, Any]], int | None]:
     return entries, None
 
 
-def read_pool(path: str | Path, *, repair: bool = False) -> list[dict[str, Any]]:
+def read_pool(path: str | Path, *, repair: bool = False, key_parts: bool = True) -> list[dict[str, Any]]:
     """Entries of one pool file (``[]`` when it does not exist).
 
     A corrupt last line is dropped with a warning; ``repair=True`` also truncates the file
-    to its last complete line (and adds a missing final newline).
+    to its last complete line (and adds a missing final newline). ``key_parts=False`` accepts
+    entries that carry only an ``instruction`` (as instruction similarity needs).
     """
     path = Path(path)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         return []
-    entries, cut = _parse(data, path)
+    entries, cut = _parse(data, path, key_parts)
     if repair and (cut is not None or (data and not data.endswith(b"\n"))):
         with open(path, "r+b") as handle:
             if cut is not None:
