@@ -116,11 +116,13 @@ def _pad_right(tensor: torch.Tensor, length: int, value: int) -> torch.Tensor:
     return F.pad(tensor, (0, length - tensor.shape[1]), value=value)
 
 
-def _logits(model, input_ids, attention_mask, start: int, stop: int, keep_kwarg: bool) -> torch.Tensor:
-    """Logits at positions ``[start, stop)``, asking the model for those only when it can."""
+def _logits(model, input_ids, attention_mask, start: int, stop: int, keep_kwarg: bool, **extra) -> torch.Tensor:
+    """Logits at positions ``[start, stop)`` of ``input_ids``, asking the model for those only when
+    it can; ``extra`` goes to the model as is (a key/value cache to continue from)."""
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask}
     if getattr(getattr(model, "module", model), "config", None) is not None:
         kwargs["use_cache"] = False  # Hugging Face models (also inside a DDP/DeepSpeed wrapper)
+    kwargs.update(extra)
     length = input_ids.shape[1]
     trimmed = start > 0 or stop < length
     if keep_kwarg and trimmed:
@@ -200,17 +202,5 @@ def forward_shared_prefix(model: torch.nn.Module, twin: Twin, logits_to_keep: bo
     if cache is None or not hasattr(cache, "batch_repeat_interleave"):
         return None
     cache.batch_repeat_interleave(rows)
-    length = twin.input_ids.shape[1] - prefix
-    start, stop = twin.start - prefix, twin.stop - prefix
-    kwargs = {"input_ids": twin.input_ids[:, prefix:], "attention_mask": twin.attention_mask,
-              "past_key_values": cache, "use_cache": True}
-    trimmed = start > 0 or stop < length
-    if logits_to_keep and trimmed:
-        kwargs["logits_to_keep"] = (
-            length - start if stop == length else torch.arange(start, stop, device=twin.input_ids.device)
-        )
-    output = model(**kwargs)
-    logits = output.logits if hasattr(output, "logits") else output[0]
-    if trimmed and not logits_to_keep:
-        logits = logits[:, start:stop]
-    return logits
+    return _logits(model, twin.input_ids[:, prefix:], twin.attention_mask, twin.start - prefix, twin.stop - prefix,
+                   logits_to_keep, past_key_values=cache, use_cache=True)
