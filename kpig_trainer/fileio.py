@@ -1,5 +1,5 @@
 """Atomic file writes: a temporary file in the target's folder, then a rename, so a reader or a
-resumed run never sees a half-written file."""
+resumed run never sees a half-written file; and whole-line appends for JSONL logs and caches."""
 
 from __future__ import annotations
 
@@ -49,6 +49,19 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 def atomic_write_json(path: str | Path, data: Any) -> Path:
     """Write ``data`` as indented, key-sorted JSON atomically."""
     return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def append_line(path: str | Path, line: str) -> None:
+    """Append ``line`` plus a newline to ``path`` (created with its folder) in one ``write`` on an
+    ``O_APPEND`` descriptor: concurrent writers never interleave lines, and a kill leaves at
+    most a torn last line."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode("utf-8"))
+    finally:
+        os.close(fd)
 
 
 def replace_directory(new: str | Path, final: str | Path) -> None:

@@ -151,15 +151,12 @@ class ModelScorer:
     def _score(self, instances: Sequence[Instance], fn: Callable, what: str) -> list[float]:
         from tqdm.auto import tqdm
 
+        from .data.collator import batches_by_task
+
         rank, world = _distributed()
-        # A batch holds one task's instances (they share the instruction: its tokens run once,
-        # see `information_gain(share_prefix=...)`), of similar lengths (little padding).
-        # Batches are dealt to the processes in turns; the order is the same on every rank.
-        by_task: dict[str, list[int]] = {}
-        for i in sorted(range(len(instances)), key=lambda i: (instances[i].task, _length(instances[i]), i)):
-            by_task.setdefault(instances[i].task, []).append(i)
-        batches = [rows[s:s + self.batch_size] for rows in by_task.values()
-                   for s in range(0, len(rows), self.batch_size)]
+        # One task per batch (its instruction runs once); the batches are dealt to the processes
+        # in turns, in the same order on every rank.
+        batches = batches_by_task(instances, range(len(instances)), self.batch_size)
         mine = batches[rank::world]
         # Every rank runs the same number of forwards (sharded models run collectives inside
         # forward): a rank with fewer batches repeats one and drops its result.
@@ -179,10 +176,6 @@ class ModelScorer:
             for part in gathered:
                 local.update(part or {})
         return [local[i] for i in range(len(instances))]
-
-
-def _length(instance: Instance) -> int:
-    return len(instance.instruction) + len(instance.input) + len(instance.outputs[0] if instance.outputs else "")
 
 
 class ReplayStrategy:

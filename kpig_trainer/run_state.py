@@ -16,14 +16,13 @@ Layout of a run directory::
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .fileio import atomic_write_json, replace_directory
+from .fileio import append_line, atomic_write_json, replace_directory
 
 STATE_VERSION = 1
 
@@ -95,16 +94,8 @@ class RunDirectory:
         return self.root / "logs" / path
 
     def append_log(self, name: str, record: dict[str, Any], rank: int = 0) -> None:
-        """Append ``record`` as one JSON line (a single write, so a kill never leaves half a line
-        in the middle of the file)."""
-        path = self.log_path(name, rank)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        line = (json.dumps(record, default=str) + "\n").encode("utf-8")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        try:
-            os.write(fd, line)
-        finally:
-            os.close(fd)
+        """Append ``record`` to ``logs/<name>`` of process ``rank`` as one JSON line."""
+        append_line(self.log_path(name, rank), json.dumps(record, default=str))
 
     def last_trainer_checkpoint(self, stage: int) -> str | None:
         """The newest complete Trainer checkpoint inside a stage, if any."""

@@ -9,7 +9,6 @@ arXiv 2403.10056).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ import torch
 from kpig_trainer.fileio import atomic_write_text
 from kpig_trainer.info_gain import information_gain_from_logits
 from kpig_trainer.losses import topk_teacher_cache
-from kpig_trainer.models import is_zero3_partitioned
+from kpig_trainer.models import full_weights
 from kpig_trainer.twins import TwinBatch
 
 if TYPE_CHECKING:
@@ -206,15 +205,10 @@ def build_teacher_cache(trainer: KPIGTrainer, directory: Path) -> TeacherCache:
     progress = tqdm(
         loader, desc="KPIG teacher cache", disable=args.disable_tqdm or not trainer.is_local_process_zero()
     )
-    gathered = contextlib.nullcontext()
-    if is_zero3_partitioned(model):
-        # ZeRO-3: the shards are gathered for the build (a full copy of the weights on every
-        # rank, freed afterwards), so the ranks need not run their forwards in lockstep.
-        import deepspeed
-
-        gathered = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
     try:
-        with gathered, torch.no_grad(), accelerator.autocast():
+        # ZeRO-3: the weights are gathered for the build (a full copy on every rank, freed
+        # afterwards), so the ranks need not run their forwards in lockstep.
+        with full_weights(model), torch.no_grad(), accelerator.autocast():
             for inputs in progress:
                 inputs = trainer._prepare_inputs(inputs)
                 batch = TwinBatch.from_inputs(inputs, args.response_logits_only, "masked" in names)

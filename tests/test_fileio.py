@@ -2,7 +2,7 @@
 
 import pytest
 
-from kpig_trainer.fileio import atomic_write, atomic_write_json, replace_directory
+from kpig_trainer.fileio import append_line, atomic_write, atomic_write_json, replace_directory
 
 
 def test_replace_directory_swaps_whole_folders(tmp_path):
@@ -28,3 +28,10 @@ def test_a_failed_write_keeps_the_old_file(tmp_path):
         atomic_write(path, broken)
     assert path.read_text() == '{\n  "stage": 1\n}\n'
     assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+def test_append_line_creates_the_folder_and_keeps_whole_lines(tmp_path):
+    path = tmp_path / "logs" / "events.jsonl"
+    append_line(path, '{"a": 1}')
+    append_line(path, '{"b": "é"}')
+    assert path.read_text(encoding="utf-8") == '{"a": 1}\n{"b": "é"}\n'

@@ -148,7 +148,7 @@ def information_gains(
     without key parts gets None (its twins are identical: IG would be 0 by construction).
     ``show_progress`` shows a ``tqdm`` bar.
     """
-    from ..data.collator import KPIGDataCollator
+    from ..data.collator import KPIGDataCollator, batches_by_task
     from ..info_gain import information_gain
 
     collator = KPIGDataCollator(
@@ -156,13 +156,7 @@ def information_gains(
     )
     result: list[float | None] = [None] * len(instances)
     scored = [k for k, instance in enumerate(instances) if instance.key_parts]
-    # One task per batch (the shared instruction runs once: `information_gain(share_prefix=...)`),
-    # similar lengths together (less padding).
-    by_task: dict[str, list[int]] = {}
-    for k in sorted(scored, key=lambda k: (instances[k].task, len(instances[k].instruction)
-                                           + len(instances[k].input) + len(instances[k].output), k)):
-        by_task.setdefault(instances[k].task, []).append(k)
-    batches = [rows[s:s + batch_size] for rows in by_task.values() for s in range(0, len(rows), batch_size)]
+    batches = batches_by_task(instances, scored, batch_size)  # one task per batch: its instruction runs once
     from tqdm.auto import tqdm
 
     with tqdm(total=len(scored), desc="information gain", unit="instance", disable=not show_progress) as bar:

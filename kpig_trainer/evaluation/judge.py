@@ -15,6 +15,8 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
+from ..fileio import append_line
+
 __all__ = ["JudgeError", "LLMJudge", "parse_verdict"]
 
 SYSTEM_PROMPT = (
@@ -208,11 +210,4 @@ class LLMJudge:
     def _append(self, record: dict) -> None:
         if self.cache_path is None:
             return
-        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
-        # One write() on an O_APPEND descriptor: concurrent writers never interleave lines.
-        fd = os.open(self.cache_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line)
-        finally:
-            os.close(fd)
+        append_line(self.cache_path, json.dumps(record, ensure_ascii=False))
