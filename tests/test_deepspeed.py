@@ -5,29 +5,21 @@ must change where the weights live, not the numbers.
 """
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("deepspeed", reason="the deepspeed extra: pip install 'kpig-trainer[deepspeed]'")
 
+from launching import ROOT, free_port  # noqa: E402
+from launching import accelerate_launch as launch  # noqa: E402
+
 from kpig_trainer.models import save_tiny_llama  # noqa: E402
 from kpig_trainer.run_state import RunState  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "scripts" / "two_stages.py"
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def zero_config(folder: Path, stage: int) -> Path:
@@ -39,15 +31,6 @@ def zero_config(folder: Path, stage: int) -> Path:
         "  zero3_save_16bit_model: true", "num_processes: 2", "num_machines: 1", "machine_rank: 0",
         f"main_process_port: {free_port()}", "mixed_precision: 'no'", ""]))
     return path
-
-
-def launch(args, tmp_path, timeout=600):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "KPIG_CACHE": str(tmp_path / "cache"),
-           "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *args], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    return result
 
 
 def ddp_flags():

@@ -5,27 +5,17 @@ choice must equal that of a single process training with the same effective batc
 """
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from launching import accelerate_launch, free_port
 
 from kpig_trainer.models import save_tiny_llama
 from kpig_trainer.run_state import RunState
 
-ROOT = Path(__file__).resolve().parents[1]
 TASKS = {"alpha_task": "Colors", "beta_task": "Colors", "gamma_task": "Numbers", "held_task": "Numbers"}
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -56,31 +46,22 @@ def recipe(tmp_path_factory):
     return folder
 
 
-def run(command, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "KPIG_CACHE": str(tmp_path / "cache"),
-           "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
-
-
 def replay_log(out: Path, rank: int = 0) -> list[dict]:
     name = "replay.jsonl" if rank == 0 else f"replay.rank{rank}.jsonl"
     return [json.loads(line) for line in (out / "logs" / name).read_text().splitlines()]
 
 
 def test_two_processes_choose_the_same_replay_as_each_other_and_as_one(recipe, tmp_path):
-    launch = [sys.executable, "-m", "accelerate.commands.launch"]
     two, one = tmp_path / "two", tmp_path / "one"
-    result = run(launch + ["--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                           "--main_process_port", str(free_port()), "examples/cit.py",
-                           "--recipe", str(recipe / "recipe.yaml"), "--output_dir", str(two),
-                           "--per_device_train_batch_size", "2"], tmp_path)
+    result = accelerate_launch(["--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                                "--main_process_port", str(free_port()), "examples/cit.py",
+                                "--recipe", str(recipe / "recipe.yaml"), "--output_dir", str(two),
+                                "--per_device_train_batch_size", "2"], tmp_path)
     assert "run directory" in result.stdout  # the table and the path are printed once, by rank 0
     # One process, same effective batch (2 x 2 = 4).
-    run(launch + ["--config_file", "recipes/accelerate/cpu.yaml", "examples/cit.py",
-                  "--recipe", str(recipe / "recipe.yaml"), "--output_dir", str(one),
-                  "--per_device_train_batch_size", "4"], tmp_path)
+    accelerate_launch(["--config_file", "recipes/accelerate/cpu.yaml", "examples/cit.py",
+                       "--recipe", str(recipe / "recipe.yaml"), "--output_dir", str(one),
+                       "--per_device_train_batch_size", "4"], tmp_path)
 
     rank0, rank1, single = replay_log(two, 0), replay_log(two, 1), replay_log(one)
     assert [r["stage"] for r in rank0] == [2, 3]

@@ -1,0 +1,27 @@
+"""Launching `accelerate launch` subprocesses from tests (several CPU processes, gloo)."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (for the rendezvous of launched processes)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def accelerate_launch(args, tmp_path, timeout=600) -> subprocess.CompletedProcess:
+    """Run ``accelerate launch ARGS`` from the repository root with one thread per process and a
+    private model cache under ``tmp_path``; fail with the output's tail unless it exits 0."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE",
+           "KPIG_CACHE": str(tmp_path / "cache"), "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *args], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
