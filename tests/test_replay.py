@@ -2,11 +2,11 @@
 
 import math
 import os
-import random
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from launching import free_port
 
 from kpig_trainer.data import Instance
 from kpig_trainer.data.collator import KPIGDataCollator
@@ -149,8 +149,7 @@ def _rank_worker(rank, world, port, model_dir, out_dir):
 
 @pytest.mark.distributed
 def test_two_processes_select_the_same_tasks_as_one(tiny_model_path, tmp_path, tiny_model_and_tokenizer):
-    port = random.Random(os.getpid()).randint(20000, 40000)
-    mp.spawn(_rank_worker, args=(2, port, str(tiny_model_path), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank_worker, args=(2, free_port(), str(tiny_model_path), str(tmp_path)), nprocs=2, join=True)
     choices = [torch.load(tmp_path / f"rank{r}.pt")["choice"] for r in range(2)]
     assert choices[0] == choices[1]
     model, tokenizer = tiny_model_and_tokenizer
