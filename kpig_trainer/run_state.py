@@ -27,6 +27,11 @@ from .fileio import append_line, atomic_write_json, replace_directory
 STATE_VERSION = 1
 
 
+def row_order(key: str) -> int:
+    """Sort key of an evaluation row: ``"init"`` first, then stages by number."""
+    return -1 if key == "init" else int(key)
+
+
 @dataclass
 class RunState:
     """What a continual run has done so far.
@@ -36,7 +41,8 @@ class RunState:
         stages: stage names, in order.
         completed: number of stages whose training, evaluation and checkpoint are done.
         replay: per stage index (as a string key), the replay choice used for that stage.
-        evaluation: per row key (``"init"``, ``"1"``, ``"2"``, ...), the evaluation after that stage.
+        evaluation: per row key (``"init"``, ``"1"``, ``"2"``, ...), the evaluation after that stage;
+            always in stage order, ``"init"`` first.
         timings: seconds spent per stage and phase.
     """
 
@@ -48,6 +54,15 @@ class RunState:
     timings: dict[str, float] = field(default_factory=dict)
     version: int = STATE_VERSION
 
+    def __post_init__(self) -> None:
+        # Rows come from state.json in any order (older files are key-sorted: "1" < "10" < "init").
+        self.evaluation = dict(sorted(self.evaluation.items(), key=lambda item: row_order(item[0])))
+
+    def record_evaluation(self, key: str, entry: dict[str, Any]) -> None:
+        """Set the evaluation row ``key`` (``"init"``, ``"1"``, ...), keeping rows in stage order."""
+        self.evaluation[key] = entry
+        self.__post_init__()
+
     @classmethod
     def load(cls, path: str | Path) -> "RunState":
         data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -56,7 +71,7 @@ class RunState:
         return cls(**data)
 
     def save(self, path: str | Path) -> None:
-        atomic_write_json(path, asdict(self))
+        atomic_write_json(path, asdict(self), sort_keys=False)  # rows stay in stage order on disk
 
 
 class RunDirectory:

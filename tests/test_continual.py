@@ -114,25 +114,68 @@ def test_resume_after_a_kill_mid_stage_equals_an_uninterrupted_run(data_dir, tmp
 
 def test_resume_after_a_kill_between_stages(data_dir, tmp_path, monkeypatch):
     reference = make_runner(data_dir, tmp_path / "a", method="sft", replay_strategy="random").run()
-    from kpig_trainer import run_state
-
-    original = run_state.RunDirectory.finish_stage
-
-    def finish_then_die(self, stage, keep_last):
-        original(self, stage, keep_last)
-        if stage == 1:
-            raise Crash("killed between stages")
-
-    monkeypatch.setattr(run_state.RunDirectory, "finish_stage", finish_then_die)
+    restore = crash_after_finishing(1, monkeypatch)
     with pytest.raises(Crash):
         make_runner(data_dir, tmp_path / "b", method="sft", replay_strategy="random").run()
-    monkeypatch.setattr(run_state.RunDirectory, "finish_stage", original)
+    restore()
     assert RunState.load(tmp_path / "b" / "state.json").completed == 2
     resumed = make_runner(data_dir, tmp_path / "b", method="sft", replay_strategy="random").run()
     assert resumed.replay == reference.replay
     want, got = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
     for name in want:
         torch.testing.assert_close(got[name], want[name], atol=1e-5, rtol=1e-5)
+
+
+def crash_after_finishing(stage_index, monkeypatch):
+    """Make the run die right after it has finished (and checkpointed) stage ``stage_index``."""
+    from kpig_trainer import run_state
+
+    original = run_state.RunDirectory.finish_stage
+
+    def finish_then_die(self, stage, keep_last):
+        original(self, stage, keep_last)
+        if stage == stage_index:
+            raise Crash("killed between stages")
+
+    monkeypatch.setattr(run_state.RunDirectory, "finish_stage", finish_then_die)
+    return lambda: monkeypatch.setattr(run_state.RunDirectory, "finish_stage", original)
+
+
+def test_a_resumed_run_shows_its_rows_in_stage_order(data_dir, tmp_path, monkeypatch):
+    from kpig_trainer.evaluation.evaluate import EvalResult
+    from kpig_trainer.evaluation.report import read_report
+    from kpig_trainer.reporting import stage_table
+
+    options = dict(method="sft", replay_strategy="random", evaluation="generate")
+    restore = crash_after_finishing(1, monkeypatch)
+    with pytest.raises(Crash):
+        make_runner(data_dir, tmp_path / "run", **options).run()
+    restore()
+    state = make_runner(data_dir, tmp_path / "run", **options).run()
+    order = ["init", "1", "2", "3"]
+    assert list(state.evaluation) == order
+    assert list(RunState.load(tmp_path / "run" / "state.json").evaluation) == order
+    raw = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert list(raw["evaluation"]) == order  # the file itself, as a person reads it
+    table = stage_table(state).splitlines()
+    assert [line.split("  ")[0] for line in table[2:]] == ["start", "stage 1", "stage 2", "stage 3"]
+    report = read_report(tmp_path / "run")
+    assert report["matrix"]["initial"]["label"] == "init"
+    assert [r["label"] for r in report["matrix"]["rows"]] == ["stage 1", "stage 2", "stage 3"]
+    # The headline is the final stage's evaluation, not the last row read from disk.
+    final = EvalResult.from_dict({**state.evaluation["3"], "predictions": {}}).summary()
+    assert report["summary"]["seen"]["p_score"] == pytest.approx(final["seen"]["p_score"])
+    assert report["summary"]["held_out"]["v_score"] == pytest.approx(final["held_out"]["v_score"])
+    markdown = (tmp_path / "run" / "report.md").read_text()
+    matrix_rows = [line.split("|")[1].strip() for line in markdown.split("Performance after each stage")[1]
+                   .split("\n\n")[1].splitlines()[2:]]
+    assert matrix_rows == ["init", "stage 1", "stage 2", "stage 3"]
+    assert {"heatmap_performance.png", "scores_over_stages.png"} <= set(report["plots"])
+
+
+def test_a_missing_model_path_stops_the_run_with_a_clear_error(data_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="'/nonexistent': no such local folder"):
+        make_runner(data_dir, tmp_path / "run", model_name_or_path="/nonexistent").run()
 
 
 def test_a_run_directory_refuses_other_settings(data_dir, tmp_path):

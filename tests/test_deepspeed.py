@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("deepspeed", reason="the deepspeed extra: pip install 'kpig-trainer[deepspeed]'")
 
-from launching import ROOT, free_port  # noqa: E402
+from launching import ROOT, exit_probe_env, free_port  # noqa: E402
 from launching import accelerate_launch as launch  # noqa: E402
 
 from kpig_trainer.models import save_tiny_llama  # noqa: E402
@@ -43,10 +43,12 @@ def tiny(tmp_path_factory):
 
 
 def two_stages(flags, tiny, mode, tmp_path, name):
-    out = tmp_path / name
-    launch([*flags, str(SCRIPT), str(tiny), mode, str(out)], tmp_path)
+    out, probe = tmp_path / name, tmp_path / f"{name}-exit"
+    launch([*flags, str(SCRIPT), str(tiny), mode, str(out)], tmp_path, env=exit_probe_env(probe))
     records = [json.loads(Path(f"{out}.{rank}").read_text()) for rank in (0, 1)]
     assert records[0] == records[1]  # every rank computed the same losses
+    # ... and ended its process group before exiting (a live one can abort the process there)
+    assert [json.loads((probe / f"rank{r}.json").read_text())["process_group_alive"] for r in (0, 1)] == [False] * 2
     return records[0]
 
 

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from launching import accelerate_launch, free_port
+from launching import accelerate_launch, exit_probe_env, free_port
 
 from kpig_trainer.models import save_tiny_llama
 from kpig_trainer.run_state import RunState
@@ -83,3 +83,22 @@ def test_two_processes_choose_the_same_replay_as_each_other_and_as_one(recipe, t
     assert (two / "logs" / "run.log").read_text() and (two / "logs" / "run.rank1.log").read_text()
     records = [json.loads(line) for line in (two / "logs" / "train.jsonl").read_text().splitlines()]
     assert {r["stage"] for r in records} == {1, 2, 3} and all("loss" in r or "train_runtime" in r for r in records)
+
+
+def test_two_process_main_job_exits_cleanly_on_every_rank(recipe, tmp_path):
+    """Every rank ends its process group before the interpreter exits, and exits 0.
+
+    A group left alive aborts a rank at exit now and then (SIGABRT from a gloo worker thread
+    during finalization); the exit probe reports the live group on every run, so this fails
+    every time the main job forgets to end it, not only when the race is lost.
+    """
+    probe = tmp_path / "probe"
+    result = accelerate_launch(["--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                                "--main_process_port", str(free_port()), "examples/cit.py",
+                                "--recipe", str(recipe / "recipe.yaml"), "--output_dir", str(tmp_path / "run"),
+                                "--per_device_train_batch_size", "2", "--max_stages", "2"],
+                               tmp_path, env=exit_probe_env(probe))
+    assert result.returncode == 0 and "terminate called" not in result.stderr
+    records = sorted((json.loads(p.read_text()) for p in probe.glob("rank*.json")), key=lambda r: r["rank"])
+    assert records == [{"rank": 0, "process_group_alive": False}, {"rank": 1, "process_group_alive": False}]
+    assert RunState.load(tmp_path / "run" / "state.json").completed == 2

@@ -113,6 +113,34 @@ def test_key_part_not_in_instruction_warns_or_raises(tmp_path, caplog):
         load_superni_task(path, annotation=annotation, strict_key_parts=True)
 
 
+def test_jsonl_key_parts_are_checked_against_every_instruction_once_per_task(tmp_path, caplog):
+    path = tmp_path / "mixed.jsonl"
+    rows = [
+        # 'both': one record's own instruction lacks its key part; masking still changes the others
+        {"task": "both", "instruction": "Reply yes or no.", "input": "a", "output": "yes", "key_parts": ["yes or no"]},
+        {"task": "both", "instruction": "Reply briefly.", "input": "b", "output": "no", "key_parts": ["yes or no"]},
+        {"task": "both", "instruction": "Reply briefly.", "input": "c", "output": "no", "key_parts": ["yes or no"]},
+        # 'none': its only key part occurs nowhere, so there is nothing to mask
+        {"task": "none", "instruction": "Name a colour.", "input": "d", "output": "red", "key_parts": ["red or blue"]},
+        {"task": "none", "instruction": "Name a colour.", "input": "e", "output": "blue", "key_parts": ["red or blue"]},
+        # 'clean': every key part found
+        {"task": "clean", "instruction": "Answer in one word.", "input": "f", "output": "x", "key_parts": ["one word"]},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    with caplog.at_level(logging.WARNING):
+        tasks = load_jsonl_tasks(path)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2  # one per task with an unmatched key part, not one per record
+    both = next(w for w in warnings if "task 'both'" in w)
+    assert both.startswith(f"{path}: task 'both': key parts not found in its 2 instructions: ['yes or no']")
+    assert "nothing in this task can be masked" not in both
+    none = next(w for w in warnings if "task 'none'" in w)
+    assert "['red or blue']" in none and "nothing in this task can be masked" in none
+    assert (tasks["both"].maskable, tasks["none"].maskable, tasks["clean"].maskable) == (True, False, True)
+    assert tasks["none"].key_part_check().unmatched == ["red or blue"]
+    assert tasks["clean"].key_part_check().unmatched == []
+
+
 def test_in_choice_without_labels_is_an_error(tmp_path):
     path = write_task(tmp_path / "nolabels.json")
     with pytest.raises(DataError, match="nolabels.json: task 'nolabels': scope 'In choice' needs"):

@@ -156,6 +156,18 @@ def test_resolve_passes_through_unknown_ids_and_paths(tmp_path, monkeypatch):
     assert models.resolve_model_path("smollm2") == "smollm2"
 
 
+def test_a_missing_local_model_path_is_a_clear_error(tmp_path):
+    missing = tmp_path / "no-such-model"
+    for name in (str(missing), "/nonexistent", "./models/missing"):
+        with pytest.raises(models.ModelNotFoundError, match="no such local folder") as caught:
+            models.resolve_model_path(name)
+        assert repr(name) in str(caught.value) and "tiny-llama" in str(caught.value)
+    assert isinstance(caught.value, FileNotFoundError)
+    # A home-relative path that exists resolves to it.
+    home_relative = models.resolve_model_path(f"~/{os.path.relpath(tmp_path, os.path.expanduser('~'))}")
+    assert os.path.samefile(home_relative, tmp_path)
+
+
 def test_tiny_llama_alias_is_saved_once_and_loads(tmp_path, monkeypatch, tiny_model_and_tokenizer):
     monkeypatch.setenv("KPIG_CACHE", str(tmp_path))
     path = models.resolve_model_path("tiny-llama")

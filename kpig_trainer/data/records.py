@@ -202,13 +202,39 @@ class Task:
             if instance.id in seen_ids:
                 raise DataError(f"{where(self.source, self.name, index)}duplicate instance id {instance.id!r}")
             seen_ids.add(instance.id)
-        missing = unmatched_key_parts(self.definition, self.key_parts)
+        check = self.key_part_check()
+        missing = check.unmatched
         if missing:
-            message = f"{context}key parts not found in the definition: {missing}"
+            scope = "the definition" if check.instructions == 1 else f"its {check.instructions} instructions"
+            message = (f"{context}key parts not found in {scope}: {missing}"
+                       + ("; nothing in this task can be masked, so its masked twins equal the instances "
+                          "(IG 0, temperature 2)" if not check.maskable else ""))
             if strict_key_parts:
                 raise DataError(message)
             logger.warning(message)
         return missing
+
+    def key_part_check(self) -> "KeyPartCheck":
+        """Which key parts occur where: the definition and every distinct (instruction, key
+        parts) pair of the instances are matched once each."""
+        pairs = dict.fromkeys([(self.definition, tuple(self.key_parts)),
+                               *((i.instruction, tuple(i.key_parts)) for i in self.instances)])
+        unmatched: dict[str, None] = {}
+        maskable = False
+        for instruction, parts in pairs:
+            if not parts:
+                continue
+            missing = unmatched_key_parts(instruction, parts)
+            unmatched.update(dict.fromkeys(missing))
+            maskable = maskable or len(missing) < len([p for p in parts if p.strip()])
+        return KeyPartCheck(has_key_parts=any(parts for _, parts in pairs), maskable=maskable,
+                            unmatched=list(unmatched), instructions=len({i for i, _ in pairs}))
+
+    @property
+    def maskable(self) -> bool:
+        """Whether masking changes anything: some key part occurs in some instruction of the task.
+        A task without it has masked twins equal to its instances (IG 0 by construction)."""
+        return self.key_part_check().maskable
 
     @property
     def num_instances(self) -> int:
@@ -221,7 +247,25 @@ class Task:
             "metric": self.constraints.metric,
             "instances": self.num_instances,
             "key_parts": len(self.key_parts),
+            "maskable": self.maskable,
         }
+
+
+@dataclass(frozen=True)
+class KeyPartCheck:
+    """Result of :meth:`Task.key_part_check`.
+
+    Attributes:
+        has_key_parts: the task or any instance names a key part.
+        maskable: at least one key part occurs in the instruction it belongs to.
+        unmatched: key parts that do not occur in (one of) their instructions, in first-seen order.
+        instructions: distinct instructions checked (the definition included).
+    """
+
+    has_key_parts: bool
+    maskable: bool
+    unmatched: list[str]
+    instructions: int
 
 
 def unmatched_key_parts(instruction: str, key_parts: Sequence[str]) -> list[str]:

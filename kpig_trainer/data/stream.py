@@ -107,6 +107,7 @@ class Stream:
                 "train": len(self.train.get(name, [])),
                 "test": len(self.test.get(name, [])),
                 "key_parts": len(task.key_parts),
+                "maskable": "yes" if task.maskable else "no",
             })
         return rows
 

@@ -30,6 +30,7 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None =
 def stream_summary(stream: Stream) -> dict[str, Any]:
     """Everything the summary prints, as plain data."""
     rows = stream.summary_rows()
+    checks = {name: stream.tasks[name].key_part_check() for name in stream.seen + stream.held_out}
     categories = Counter((r["category"], r["role"]) for r in rows)
     names = sorted({r["category"] for r in rows})
     return {
@@ -52,7 +53,10 @@ def stream_summary(stream: Stream) -> dict[str, Any]:
             "train_instances": sum(len(v) for v in stream.train.values()),
             "test_instances_seen": sum(len(stream.test[t]) for t in stream.seen),
             "test_instances_held_out": sum(len(stream.test[t]) for t in stream.held_out),
+            "tasks_with_unmatched_key_parts": sum(bool(c.unmatched) for c in checks.values()),
+            "unmaskable_tasks": sum(not c.maskable for c in checks.values()),
         },
+        "unmatched_key_parts": {name: c.unmatched for name, c in checks.items() if c.unmatched},
     }
 
 
@@ -67,6 +71,9 @@ def render_summary(summary: dict[str, Any], title: str) -> str:
         "Stage plan\n" + format_table(stages, ["stage", "name", "train", "tasks"]),
         "Instances: {train_instances} train, {test_instances_seen} test (seen), "
         "{test_instances_held_out} test (held-out)".format(**totals),
+        "Key parts: {tasks_with_unmatched_key_parts} task(s) name key parts not found in their instruction; "
+        "{unmaskable_tasks} task(s) have nothing to mask (masked twin = instance, IG 0)".format(**totals)
+        + "".join(f"\n  {name}: {parts}" for name, parts in summary["unmatched_key_parts"].items()),
     ])
 
 

@@ -14,6 +14,7 @@ import torch
 from datasets import Dataset
 
 from kpig_trainer.config import KPIGConfig
+from kpig_trainer.distributed import end_distributed
 from kpig_trainer.models import full_weights, load_model_and_tokenizer
 from kpig_trainer.trainer import KPIGTrainer
 
@@ -43,6 +44,7 @@ def main(model_dir: str, mode: str, out: str) -> None:
               "jsd": [h["jsd"] for h in second.state.log_history if "jsd" in h], "checksum": checksum}
     with open(f"{out}.{args.process_index}", "w") as handle:
         json.dump(record, handle)
+    end_distributed()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,32 @@
+"""Ending a distributed run cleanly.
+
+A process that leaves the interpreter with its default process group alive can die at exit:
+gloo's worker threads may drop the last reference to a finished collective (and so to a
+tensor that has a Python object) while the interpreter is being finalized; the decref then
+needs the GIL, the thread is told to exit instead, and the forced unwind through a C++
+destructor calls ``std::terminate`` (SIGABRT, "terminate called without an active
+exception"). Destroying the group first joins those threads while the interpreter is alive.
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger(__name__)
+
+
+def end_distributed() -> bool:
+    """Wait for every process, then destroy the default process group (all backends, DeepSpeed's
+    included: it runs on ``torch.distributed``). Call it once per process after the last
+    collective, at the end of a successful run; without a process group it does nothing.
+
+    Returns whether a process group was destroyed.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    dist.barrier()
+    dist.destroy_process_group()
+    logger.debug("process group destroyed")
+    return True
