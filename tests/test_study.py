@@ -1,0 +1,63 @@
+"""benchmarks/study.py end to end on the tiny model: 2 stages, 2 methods, one seed."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kpig_trainer.evaluation.report import read_report
+from kpig_trainer.evaluation.runs import instance_scores, load_run, p_score_of
+
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("study")
+    env = {"KPIG_CACHE": str(folder / "cache"), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run([sys.executable, "benchmarks/study.py", "all", "--quick", "--methods", "sft", "kpig",
+                             "--seeds", "0", "--out", str(folder / "runs"), "--results", str(folder / "results"),
+                             "--replicates", "100"], cwd=ROOT, capture_output=True, text=True, timeout=900,
+                            env={**__import__("os").environ, **env})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return folder
+
+
+def test_study_writes_every_table_from_the_run_directories(study):
+    results = study / "results"
+    data = json.loads((results / "study.json").read_text())
+    assert set(data["methods"]) == {"sft", "kpig"}
+    assert (results / "ig_over_stages.png").stat().st_size > 0
+    markdown = (results / "study.md").read_text()
+    table1 = markdown.split("## Table 1 layout")[1].split("\n\n")[1].splitlines()
+    assert table1[0].count("|") == 10 and len(table1) == 4  # header, rule, sft, kpig
+    paired = [p for p in data["paired"] if (p["a"], p["b"]) == ("kpig", "sft")]
+    assert {(p["group"], p["score"]) for p in paired} == {(g, s) for g in ("seen", "held_out")
+                                                          for s in ("p_score", "v_score")}
+    for section in ("Paired differences", "Table 2 layout", "Does kpig learn each task?", "Per-example forgetting",
+                    "Misleading constraint", "IG over stages"):
+        assert section in markdown
+    assert set(data["flips"]) == {"sft", "kpig"}
+    assert set(data["probe"]["lowercase_labels"]["methods"]) == {"sft", "kpig"}
+
+
+def test_instance_scores_reproduce_the_runs_own_p_scores(study):
+    for method in ("sft", "kpig"):
+        run_dir = study / "runs" / method / "seed0"
+        run, report = load_run(run_dir), read_report(run_dir)
+        scores = instance_scores(run, run.rows[-1])
+        for group, tasks in (("seen", run.stream.seen), ("held_out", run.stream.held_out)):
+            assert p_score_of(scores, tasks) == pytest.approx(report["summary"][group]["p_score"], abs=1e-6)
+        summary = json.loads((study / "results" / "study.json").read_text())["methods"][method]
+        assert summary["seen_p_score"]["mean"] == pytest.approx(report["summary"]["seen"]["p_score"])
+
+
+def test_a_rerun_resumes_every_finished_run(study):
+    result = subprocess.run([sys.executable, "benchmarks/study.py", "run", "--quick", "--methods", "sft", "kpig",
+                             "--seeds", "0", "--out", str(study / "runs")], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and result.stdout.count(": done") == 2
