@@ -44,6 +44,7 @@ __all__ = ["METHODS", "ContinualArguments", "ContinualRunner", "RegularizedKPIGT
 logger = logging.getLogger(__name__)
 
 _LOGGERS = ("kpig_trainer", "transformers")  # copied to logs/run.log
+_JUDGE_OPTIONS = ("judge_base_url", "judge_model", "judge_api_key_env", "judge_cache")  # see fingerprint()
 
 def _rows(instances: list[Instance]) -> list[dict[str, Any]]:
     return [{"id": i.id, "task": i.task, "instruction": i.instruction, "input": i.input,
@@ -71,6 +72,11 @@ class ContinualRunner:
         _ = training_args.device
         self.dir = RunDirectory(training_args.output_dir)
         self.stream = load_stream(args, training_args.seed)
+        _ = self.instruction_pools  # a missing pool fails now, not after the first evaluation
+        if args.judge_base_url:  # on every process, so that all stop together
+            from .evaluation.judge import check_api_key
+
+            check_api_key(args.judge_api_key_env, args.judge_base_url, option="judge_api_key_env")
         self.evaluate_fn = evaluate_fn or (loss_evaluation if args.evaluation == "loss" else self.generation_evaluation)
         self.callbacks = list(callbacks or [])
         self.state = self._load_or_create_state()
@@ -84,8 +90,12 @@ class ContinualRunner:
         training = {k: v for k, v in self.training_args.to_dict().items()
                     if k not in {"output_dir", "logging_dir", "logging_steps", "save_steps", "report_to",
                                  "disable_tqdm", "save_total_limit", "logging_first_step"}}
-        data = {"continual": dataclasses.asdict(self.args), "training": training,
-                "stages": [list(s.tasks) for s in self.stream.stages]}
+        continual = {k: v for k, v in dataclasses.asdict(self.args).items() if k not in _JUDGE_OPTIONS}
+        if continual["test_sampling"] == "balanced":  # the default: runs from before the option keep their hash
+            del continual["test_sampling"]
+        data = {"continual": continual, "training": training, "stages": [list(s.tasks) for s in self.stream.stages]}
+        if self.args.judge_base_url:  # the judging model decides GPT scores; unset, the hash is as before
+            data["judge"] = self.args.judge_model
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def _load_or_create_state(self) -> RunState:
@@ -201,12 +211,25 @@ class ContinualRunner:
 
     @functools.cached_property
     def instruction_pools(self) -> dict[str, list[dict[str, Any]]] | None:
-        """Instruction pools of ``kpig diversify`` (``instruction_pools`` folder), read once."""
-        if not self.args.instruction_pools:
-            return None
-        from .diversity import load_pools
+        """The run's instruction pools (``instruction_pools``: a folder, or ``"benchmark"`` for the
+        shipped ones), read once."""
+        from .diversity import load_run_pools
 
-        return load_pools(self.args.instruction_pools)
+        return load_run_pools(self.args.instruction_pools, self.stream.seen, custom_tasks=self.args.tasks)
+
+    @functools.cached_property
+    def judge(self):
+        """The LLM judge of GPT-metric tasks (``judge_base_url``), built once per run and on process
+        0 only (see :meth:`generation_evaluation`); its verdicts are cached in ``judge_cache``
+        (default: ``judge_cache.jsonl`` in the run directory), so a resumed run does not ask again.
+        None without a judge: GPT tasks fall back to ROUGE-L, flagged in the report."""
+        if not self.args.judge_base_url or self.training_args.process_index != 0:
+            return None
+        from .evaluation.judge import LLMJudge
+
+        return LLMJudge(base_url=self.args.judge_base_url, model=self.args.judge_model,
+                        api_key_env=self.args.judge_api_key_env,
+                        cache_path=self.args.judge_cache or self.dir.root / "judge_cache.jsonl")
 
     def replay_request(self, stage: int) -> ReplayRequest:
         seen = self.stream.seen_before(stage)
@@ -299,9 +322,15 @@ class ContinualRunner:
         result = evaluate_stream_stage(
             model, tokenizer, stream, None if stage < 0 else stage, batch_size=self.args.eval_batch_size,
             held_out_demonstrations=self.args.held_out_demonstrations, compute_ig=self.args.eval_ig,
-            alpha=self.training_args.alpha, mask_token=self.training_args.mask_token,
+            alpha=self.training_args.alpha, mask_token=self.training_args.mask_token, judge=self.judge,
             show_progress=not self.training_args.disable_tqdm)
         entry = result.to_dict()
+        if self.args.judge_base_url and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Every process generates the same answers; only process 0 asks the judge, the others
+            # take its row, so the state is the same everywhere and no answer is judged twice.
+            box = [entry]
+            torch.distributed.broadcast_object_list(box, src=0)
+            entry = box[0]
         predictions = entry.pop("predictions")
         if self.training_args.process_index == 0:
             key = "init" if stage < 0 else f"stage_{stage + 1:02d}"

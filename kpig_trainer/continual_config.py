@@ -37,7 +37,8 @@ class ContinualArguments:
     max_held_out_tasks: int | None = field(default=None, metadata={"help": "Evaluate only the first this many held-out tasks."})
     max_train_instances: int | None = field(default=None, metadata={"help": "Cap of train instances per task (default: the benchmark's)."})
     max_test_instances: int | None = field(default=None, metadata={"help": "Cap of test instances per task (default: the benchmark's)."})
-    test_size: float = field(default=0.2, metadata={"help": "Test instances per seen task: a fraction (<1) or a count."})
+    test_size: float = field(default=0.2, metadata={"help": "Test instances per seen task: a fraction (<1) or a count (the paper: 100; a task too small for the count gives half its instances)."})
+    test_sampling: str = field(default="balanced", metadata={"help": "How test instances are drawn: balanced (seeded, spread over labels) or self_bleu (spread over labels and diverse, low Self-BLEU, as the KPIG paper)."})
     method: str = field(default="kpig", metadata={"help": f"Training method: one of {', '.join(METHODS)}."})
     replay_strategy: str | None = field(default=None, metadata={"help": "Replay: kpig, random, entropy, all, none, ... (default: kpig for method kpig, else none)."})
     similarity_embedder: str | None = field(default=None, metadata={"help": "Embedder of the similarity replay strategies (default: embedded all-MiniLM-L6-v2; an aligned one from `kpig align-embedder`)."})
@@ -50,13 +51,18 @@ class ContinualArguments:
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
     lora_target_modules: list[str] | None = field(default=None, metadata={"help": "LoRA target modules (default: PEFT's for the architecture)."})
-    instruction_pools: str | None = field(default=None, metadata={"help": "Folder of instruction pools from `kpig diversify`; instances sample their instruction from it."})
+    instruction_pools: str | None = field(default=None, metadata={"help": "Instruction pools; each training instance is shown a variant drawn from its task's pool (paper section 3.2). A folder from `kpig diversify`, or 'benchmark': the pools shipped with the superni-kpig / demo benchmark (offline-heuristic variants, 31 per task; not with --tasks, and every trained task needs one). Default: none, every instance keeps its own instruction (the paper's 'w/o div' ablation)."})
     keep_last_stages: int = field(default=2, metadata={"help": "Stage checkpoints to keep (0: keep all)."})
     evaluate: bool = field(default=True, metadata={"help": "Evaluate every seen and held-out task after each stage."})
     evaluation: str = field(default="generate", metadata={"help": "generate: answers scored with P-score / V-score (the continual-learning matrix and report); loss: test-split cross entropy only (fast)."})
     eval_ig: bool = field(default=True, metadata={"help": "Also measure the mean information gain of every task's test instances after each stage."})
     eval_batch_size: int = field(default=8, metadata={"help": "Batch size of evaluation."})
     held_out_demonstrations: int = field(default=2, metadata={"help": "Positive demonstrations in the prompt of held-out tasks (the paper: 2)."})
+    # The LLM judge of GPT-metric tasks, as `kpig eval --judge-*`; without one they are scored with ROUGE-L.
+    judge_base_url: str | None = field(default=None, metadata={"help": "OpenAI-compatible endpoint that judges GPT-metric tasks (e.g. http://127.0.0.1:8000/v1). Default: none, GPT tasks fall back to ROUGE-L and the report says so."})
+    judge_model: str = field(default="gpt-4o", metadata={"help": "Model name sent to judge_base_url."})
+    judge_api_key_env: str | None = field(default="OPENAI_API_KEY", metadata={"help": "Environment variable holding the judge's API key; '' for an endpoint that needs none."})
+    judge_cache: str | None = field(default=None, metadata={"help": "JSONL file of judge verdicts, reused across runs (default: judge_cache.jsonl in the run directory)."})
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -67,6 +73,21 @@ class ContinualArguments:
             self.replay_strategy = "kpig" if self.method == "kpig" else "none"
         if self.evaluation not in ("generate", "loss"):
             raise ValueError(f"evaluation must be 'generate' or 'loss', got {self.evaluation!r}")
+        from .data.sampling import check_test_sampling
+
+        check_test_sampling(self.test_sampling)
+        # '' from the command line switches an option of the recipe off, as in `kpig eval`.
+        self.judge_base_url = self.judge_base_url or None
+        self.judge_api_key_env = self.judge_api_key_env or None
+        if self.judge_base_url and self.evaluation != "generate":
+            raise ValueError(f"judge_base_url is set but evaluation is {self.evaluation!r}: only evaluation "
+                             "'generate' scores answers (set judge_base_url to '' or evaluation to 'generate')")
+        if self.judge_base_url and not self.judge_model:
+            raise ValueError("judge_model is empty: name the model judge_base_url serves")
+        if self.instruction_pools:
+            from .diversity.shipped import check_pools_option
+
+            check_pools_option(self.instruction_pools, self.tasks)  # fail before any model loads
 
     @property
     def uses_jsd(self) -> bool:
@@ -76,7 +97,8 @@ class ContinualArguments:
 def load_stream(args: ContinualArguments, seed: int) -> Stream:
     """The stream the run trains on (``multi``: one stage of every seen task)."""
     options: dict[str, Any] = {"order": args.order, "stage_order": args.stage_order, "seed": seed,
-                               "test_size": int(args.test_size) if args.test_size >= 1 else args.test_size}
+                               "test_size": int(args.test_size) if args.test_size >= 1 else args.test_size,
+                               "test_sampling": args.test_sampling}
     for key in ("max_train_instances", "max_test_instances"):
         if getattr(args, key) is not None:
             options[key] = getattr(args, key)

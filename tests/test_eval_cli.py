@@ -55,6 +55,18 @@ def test_eval_instances_are_the_streams_test_split(eval_run):
         assert [p["id"] for p in report["predictions"][task]] == [i.id for i in stream.test[task]]
 
 
+def test_eval_draws_the_test_instances_of_a_self_bleu_run(tmp_path):
+    out = tmp_path / "sb"
+    assert main(["eval", "--model", "tiny-llama", "--benchmark", "demo", "--task", SEEN, "--max-test", "3",
+                 "--test-size", "5", "--test-sampling", "self_bleu", "--out", str(out), "--no-progress",
+                 "--no-plots"]) == 0
+    stream = load_benchmark("demo").stream(test_size=5, test_sampling="self_bleu", max_test_instances=3)
+    default = load_benchmark("demo").stream(max_test_instances=3)
+    ids = [p["id"] for p in json.loads((out / "report.json").read_text())["predictions"][SEEN]]
+    assert ids == [i.id for i in stream.test[SEEN]]
+    assert ids != [i.id for i in default.test[SEEN]]  # the option changes the draw
+
+
 def test_compare_two_reports(eval_run, tmp_path, capsys):
     other = json.loads((eval_run / "report.json").read_text())
     other["name"] = "other-run"
@@ -66,7 +78,8 @@ def test_compare_two_reports(eval_run, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed == out.read_text()
     lines = printed.splitlines()
-    assert lines[0] == "| Run | Seen P-score | Seen V-score | Held-out P-score | Held-out V-score |"
+    assert lines[0] == ("| Run | Seen P-score | Seen V-score | Held-out P-score | Held-out V-score | "
+                        "Seen V (paper) | Held-out V (paper) |")
     assert lines[2].startswith("| tiny-llama |") and lines[3].startswith("| other-run | **101.0** |")
     assert main(["compare", str(eval_run), "--names", "a", "b"]) == 2
 

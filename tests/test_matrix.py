@@ -102,10 +102,28 @@ def test_row_summaries_pool_violation_rates():
     assert row.summary["seen"]["p_score"] == pytest.approx(60)
     assert row.summary["seen"]["v_score"] == pytest.approx((10 + 20 + 60) / 3)  # each rate once
     assert row.summary["trained"]["p_score"] == pytest.approx(80)  # only A trained at stage 0
-    assert row.summary["held_out"] == {"p_score": 30, "v_score": 30, "ig": -0.1, "n_tasks": 1}
+    assert row.summary["held_out"] == {"p_score": 30, "v_score": 30, "v_score_paper": 30, "ig": -0.1, "n_tasks": 1}
     assert row.summary["seen"]["ig"] == pytest.approx(0.3)
+    # the paper's reading: WFR mean 10, OOS mean 60, WR mean 20 -> 30 (pooled above: 30 too)
+    assert row.summary["seen"]["v_score_paper"] == pytest.approx((10 + 60 + 20) / 3)
     curves = m.curves()
     assert curves["labels"] == ["stage 1"] and curves["trained_p_score"] == [80]
+
+
+def test_row_summaries_carry_both_v_score_readings():
+    # one wordy-only task at WR 100 and two format-only tasks at WFR 0, all seen
+    m = ContinualMatrix(seen=["W", "F1", "F2"], held_out=[], task_stage={"W": 0, "F1": 0, "F2": 0})
+    m.record(None, {"W": _score("W", 0, wr=0.0), "F1": _score("F1", 0, wfr=0.0), "F2": _score("F2", 0, wfr=0.0)})
+    row = m.record(0, {"W": _score("W", 0, wr=100.0), "F1": _score("F1", 0, wfr=0.0),
+                       "F2": _score("F2", 0, wfr=0.0)})
+    assert row.summary["seen"]["v_score"] == pytest.approx(100 / 3)  # three rates pooled
+    assert row.summary["seen"]["v_score_paper"] == pytest.approx(50)  # (WFR 0 + WR 100) / 2
+    assert row.summary["held_out"]["v_score"] is None and row.summary["held_out"]["v_score_paper"] is None
+    curves = m.curves()
+    assert curves["seen_v_score"] == pytest.approx([0, 100 / 3])
+    assert curves["seen_v_score_paper"] == pytest.approx([0, 50])
+    back = ContinualMatrix.from_dict(json.loads(json.dumps(m.to_dict())))
+    assert back.row(0).summary["seen"]["v_score_paper"] == pytest.approx(50)
 
 
 def test_record_replaces_a_row_and_keeps_order():

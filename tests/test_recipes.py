@@ -31,6 +31,11 @@ def test_paper_setups_carry_the_papers_hyperparameters():
     assert sc_args.order == "SC" and sc.alpha == 0.3
     _, domain = parse_run_args(["--recipe", str(RECIPES / "domain" / "kpig.yaml"), "--bf16", "false"])
     assert (domain.alpha, domain.jsd_weight, domain.replay_tasks, domain.replay_instances) == (0.6, 0.01, 3, 100)
+    # Appendix C / Table 6: test sets of 100 (SuperNI) and 500 (Domain) instances, drawn by Self-BLEU.
+    st_args, _ = parse_run_args(["--recipe", str(RECIPES / "superni_st" / "kpig.yaml"), "--bf16", "false"])
+    domain_args, _ = parse_run_args(["--recipe", str(RECIPES / "domain" / "kpig.yaml"), "--bf16", "false"])
+    for args, size in ((st_args, 100), (sc_args, 100), (domain_args, 500)):
+        assert (args.test_size, args.max_test_instances, args.test_sampling) == (size, size, "self_bleu")
 
 
 def test_baselines_inherit_and_override():
@@ -69,3 +74,32 @@ def test_accelerate_configs_are_complete(name):
     assert {"distributed_type", "num_processes", "num_machines"} <= set(config)
     if name.startswith("zero"):
         assert config["deepspeed_config"]["zero_stage"] == int(name[-1])
+
+
+PAPER_DIRS = ("superni_st", "superni_sc", "domain")
+
+
+def _resolved(path):
+    return parse_run_args(["--recipe", str(path), "--bf16", "false"])
+
+
+def test_paper_kpig_recipes_follow_algorithm_1_and_section_3_2():
+    paper = {p.relative_to(RECIPES).as_posix(): _resolved(p)
+             for d in PAPER_DIRS for p in sorted((RECIPES / d).glob("*.yaml"))}
+    kpig = {name: run for name, run in paper.items() if run[0].method == "kpig"}
+    assert sorted(kpig) == ["domain/kpig.yaml", "superni_sc/kpig.yaml", "superni_st/kpig.yaml",
+                            "superni_st/kpig_wo_div.yaml"]
+    # Algorithm 1: the frozen previous-stage model's IG sets the temperature, with the cached teacher.
+    assert {name: (t.ig_source, t.previous_model) for name, (_, t) in kpig.items()} == {
+        name: ("previous", "cached") for name in kpig}
+    # Section 3.2: the SuperNI setups train on the shipped pools; the ablation and the baselines do not.
+    pools = {name: args.instruction_pools for name, (args, _) in paper.items()}
+    assert pools.pop("superni_st/kpig.yaml") == pools.pop("superni_sc/kpig.yaml") == "benchmark"
+    assert pools.pop("domain/kpig.yaml") == "data/domain/pools"  # the user's own tasks, own pools
+    assert set(pools.values()) == {None} and len(pools) == 19  # 9 baselines x (ST, SC) + w/o div
+
+
+def test_the_demo_keeps_the_current_models_ig_and_no_pools():
+    for path in [RECIPES / "demo.yaml", *sorted((RECIPES / "demo").glob("*.yaml"))]:
+        args, training = parse_run_args(["--recipe", str(path)])
+        assert (training.ig_source, args.instruction_pools) == ("current", None), path.name

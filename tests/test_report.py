@@ -112,12 +112,72 @@ def test_compare_two_reports(tmp_path):
     write_report(tmp_path / "b", _matrix(), final=_result((70.0, 60.0), 35.0), name="run-b", plots=False)
     table = compare_markdown([read_report(tmp_path / "a"), read_report(tmp_path / "b")])
     lines = table.strip().splitlines()
-    assert lines[0].startswith("| Run | Seen P-score | Seen V-score | Held-out P-score | Held-out V-score | Average")
+    assert lines[0].startswith("| Run | Seen P-score | Seen V-score | Held-out P-score | Held-out V-score | "
+                               "Seen V (paper) | Held-out V (paper) | Average")
     # Best of each column in bold (ties: both); a column with one value has no best.
-    assert lines[2] == "| run-a | 60.0 | **30.0** | 30.0 | **15.0** | - | - | - | - | - |"
-    assert lines[3] == "| run-b | **65.0** | **30.0** | **35.0** | **15.0** | 65.0 | -20.0 | 20.0 | 5.0 | -10.0 |"
+    assert lines[2] == "| run-a | 60.0 | **30.0** | 30.0 | **15.0** | **30.0** | **15.0** | - | - | - | - | - |"
+    assert lines[3] == ("| run-b | **65.0** | **30.0** | **35.0** | **15.0** | **30.0** | **15.0** "
+                        "| 65.0 | -20.0 | 20.0 | 5.0 | -10.0 |")
     renamed = compare_markdown([read_report(tmp_path / "a")], names=["X"])
     assert "| X | 60.0 | 30.0 |" in renamed
+    # A report written before v_score_paper existed: the table keeps its old columns.
+    old = read_report(tmp_path / "a")
+    for group in old["summary"].values():
+        group.pop("v_score_paper")
+    assert compare_markdown([old]).splitlines()[0] == (
+        "| Run | Seen P-score | Seen V-score | Held-out P-score | Held-out V-score |")
+
+
+def _readings_differ():
+    """Seen: W wordy-only at WR 100, F1 and F2 format-only at WFR 0. Held-out: H with OOS 30, WR 0."""
+    scores = {
+        "W": TaskScore("W", "ACC", "exact_match", 50.0, None, None, 100.0, 4),
+        "F1": TaskScore("F1", "ACC", "exact_match", 50.0, 0.0, None, None, 4),
+        "F2": TaskScore("F2", "ACC", "exact_match", 50.0, 0.0, None, None, 4),
+        "H": TaskScore("H", "ACC", "exact_match", 20.0, None, 30.0, 0.0, 4),
+    }
+    return EvalResult(scores, {}, ["W", "F1", "F2"], ["H"])
+
+
+def test_report_carries_both_v_score_readings(tmp_path):
+    # seen, pooled: (100 + 0 + 0) / 3 = 33.3; the paper's reading: (WFR 0 + WR 100) / 2 = 50.
+    # held-out: one task, so both readings are (30 + 0) / 2 = 15. all: pooled (100 + 0 + 0 + 30 + 0) / 5
+    # = 26; paper: WFR 0, OOS 30, WR (100 + 0) / 2 = 50 -> 80 / 3.
+    report = write_report(tmp_path, _readings_differ(), name="r", plots=False)
+    loaded = read_report(tmp_path)
+    assert loaded["schema"] == "kpig-report/1"
+    seen, held_out, everything = (loaded["summary"][g] for g in ("seen", "held_out", "all"))
+    assert seen["v_score"] == pytest.approx(100 / 3) and seen["v_score_paper"] == pytest.approx(50)
+    assert held_out["v_score"] == pytest.approx(15) and held_out["v_score_paper"] == pytest.approx(15)
+    assert everything["v_score"] == pytest.approx(26) and everything["v_score_paper"] == pytest.approx(80 / 3)
+    row = table1_row(report)
+    assert (row["seen_v"], row["seen_v_paper"]) == (pytest.approx(100 / 3), pytest.approx(50))
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| Run | Seen P-score | Seen V-score | Held-out P-score | Held-out V-score | Seen V (paper) " \
+           "| Held-out V (paper) |" in markdown
+    assert "| r | 50.0 | 33.3 | 20.0 | 15.0 | 50.0 | 15.0 |" in markdown
+    assert "| Group | P-score | V-score | V (paper) | WFR | OOS | WR | IG | Tasks |" in markdown
+    assert "| seen | 50.0 | 33.3 | 50.0 | 0.0 | - | 100.0 | - | 3 |" in markdown
+    assert "| all | 42.5 | 26.0 | 26.7 | 0.0 | 30.0 | 50.0 | - | 4 |" in markdown
+    assert "The headline V-score is the mean of every applicable (task, check) rate" in markdown
+
+
+def test_continual_report_carries_both_v_score_readings(tmp_path):
+    matrix = ContinualMatrix(["W", "F1", "F2"], ["H"], {"W": 0, "F1": 1, "F2": 1})
+    matrix.record(0, _readings_differ())
+    matrix.record(1, _readings_differ())
+    write_report(tmp_path, matrix, final=_readings_differ(), name="c", plots=False)
+    loaded = read_report(tmp_path)
+    final_row = loaded["matrix"]["rows"][-1]["summary"]
+    assert final_row["trained"]["v_score"] == pytest.approx(100 / 3)
+    assert final_row["trained"]["v_score_paper"] == pytest.approx(50)
+    # stage 1 trained only W (WR 100): both readings 100
+    assert loaded["matrix"]["rows"][0]["summary"]["trained"]["v_score_paper"] == pytest.approx(100)
+    markdown = (tmp_path / "report.md").read_text()
+    assert "| After | Trained P | Trained V | Held-out P | Held-out V | Trained V (paper) | Held-out V (paper) |" \
+           in markdown
+    assert "| stage 1 | 50.0 | 100.0 | 20.0 | 15.0 | 100.0 | 15.0 |" in markdown
+    assert "| stage 2 | 50.0 | 33.3 | 20.0 | 15.0 | 50.0 | 15.0 |" in markdown
 
 
 def test_nan_and_missing_values_become_null(tmp_path):

@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 
 import kpig_trainer
-from kpig_trainer.evaluation import TaskScore, p_score, score_task, v_score, violation_rates, violations
+from kpig_trainer.evaluation import (
+    TaskScore,
+    p_score,
+    score_task,
+    v_score,
+    v_score_paper,
+    violation_rates,
+    violations,
+)
 
 BENCHMARK = Path(kpig_trainer.__file__).parent / "benchmark" / "superni_kpig"
 ANNOTATIONS = BENCHMARK / "annotations.json"
@@ -82,9 +90,21 @@ def test_v_score_pools_applicable_task_rates():
     assert violation_rates(SCORES) == pytest.approx({"wfr": 20.0, "oos": 10.0, "wr": 30.0})
 
 
+def test_the_papers_v_score_averages_the_per_type_means():
+    # one wordy-only task at WR 100, two format-only tasks at WFR 0
+    scores = [make("w", 0.0, wr=100.0), make("f1", 0.0, wfr=0.0), make("f2", 0.0, wfr=0.0)]
+    assert v_score(scores) == pytest.approx(100 / 3)  # pooled: (100 + 0 + 0) / 3 rates
+    assert v_score_paper(scores) == pytest.approx(50.0)  # (WFR mean 0 + WR mean 100) / 2 types; no OOS
+    # SCORES: WFR mean 20, OOS mean 10, WR mean (0 + 60) / 2 = 30 -> 20; pooled 22.5
+    assert v_score_paper(SCORES) == pytest.approx(20.0)
+    # one task: both readings are the mean of its own rates
+    assert v_score_paper([SCORES[1]]) == v_score([SCORES[1]]) == pytest.approx(40.0)
+
+
 def test_empty_inputs_give_nan():
     assert math.isnan(p_score([])) and math.isnan(v_score([]))
     assert math.isnan(v_score([make("c", 20.0)]))
+    assert math.isnan(v_score_paper([])) and math.isnan(v_score_paper([make("c", 20.0)]))
     assert all(math.isnan(v) for v in violation_rates([]).values())
 
 

@@ -4,7 +4,8 @@ import collections
 
 import pytest
 
-from kpig_trainer.data import Constraints, DataError, Instance, Task, build_stream, plan_stages, split_task
+from kpig_trainer.data import (Constraints, DataError, Instance, Task, build_stream, load_benchmark, plan_stages,
+                               split_task)
 from kpig_trainer.data.stream import label_key
 
 
@@ -90,8 +91,31 @@ def test_caps_and_counts(tasks):
     assert all(len(stream.train[t]) == 7 for t in SEEN)
     assert all(len(stream.test[t]) == 8 for t in SEEN)
     assert len(stream.test["h1"]) == 8 and "h1" not in stream.train
-    with pytest.raises(DataError, match="cannot give 30 test"):
-        build_stream(tasks, ["t1"], test_size=30)
+
+
+def test_a_count_too_large_for_a_task_takes_half_of_it(tasks, caplog):
+    # The paper's 100 test instances per task: a 30-instance task gives 15 and trains on 15.
+    stream = build_stream(tasks, ["t1", "t2"], test_size=100)
+    assert [(len(stream.train[t]), len(stream.test[t])) for t in ("t1", "t2")] == [(15, 15), (15, 15)]
+    assert "task 't1': 30 instances cannot give 100 test instances" in caplog.text
+    caplog.clear()
+    assert len(build_stream(tasks, ["t1"], test_size=100, max_test_instances=8).test["t1"]) == 8
+    assert len(build_stream(tasks, ["t1"], test_size=15).test["t1"]) == 15
+    assert "cannot give" not in caplog.text
+    # A fraction is taken as asked; a task of one instance cannot be split at all.
+    assert len(build_stream(tasks, ["t1"], test_size=0.8).train["t1"]) == 6
+    with pytest.raises(DataError, match="task 'one': 1 instance"):
+        build_stream({"one": make_task("one", "A", n=1)}, ["one"], test_size=100)
+
+
+def test_paper_test_size_on_the_shipped_benchmark():
+    benchmark = load_benchmark("superni-kpig")
+    stream = benchmark.stream(test_size=100, max_test_instances=100)
+    sizes = {t: len(benchmark.tasks[t].instances) for t in benchmark.seen + benchmark.held_out}
+    expected = {t: min(100, sizes[t] // 2) for t in benchmark.seen}
+    assert {t: len(stream.test[t]) for t in benchmark.seen} == expected
+    assert {t: len(stream.train[t]) for t in benchmark.seen} == {t: sizes[t] - expected[t] for t in benchmark.seen}
+    assert all(len(stream.test[t]) == 100 for t in benchmark.held_out)
 
 
 def test_test_sampling_is_balanced_over_labels():

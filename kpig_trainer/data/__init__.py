@@ -18,7 +18,8 @@ from .loaders import (
     tasks_from_records,
 )
 from .records import Constraints, DataError, Demonstration, Instance, Task
-from .stream import Stage, Stream, balanced_sample, build_stream, plan_stages, split_task
+from .sampling import TEST_SAMPLINGS, balanced_sample, self_bleu_sample
+from .stream import Stage, Stream, build_stream, plan_stages, split_task
 
 
 def __getattr__(name: str) -> Any:
@@ -50,8 +51,8 @@ def instances_to_columns(
 __all__ = [
     "BENCHMARK_DIR", "Benchmark", "KPIGDataCollator", "PLAIN_TEMPLATE", "format_message", "format_prompt",
     "has_chat_template", "Constraints", "DEFAULT_COLUMNS", "DataError", "Demonstration",
-    "Instance", "Split", "Stage", "Stream", "Task", "balanced_sample", "build_stream",
+    "Instance", "Split", "Stage", "Stream", "TEST_SAMPLINGS", "Task", "balanced_sample", "build_stream",
     "instances_to_columns", "load_annotations", "load_benchmark", "load_dataset_tasks",
     "load_jsonl_tasks", "load_splits", "load_superni_task", "load_superni_tasks", "load_tasks",
-    "plan_stages", "split_task", "tasks_from_records",
+    "plan_stages", "self_bleu_sample", "split_task", "tasks_from_records",
 ]

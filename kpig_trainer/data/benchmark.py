@@ -40,7 +40,8 @@ class Benchmark:
     max_test_instances: int | None = 100
 
     def stream(self, **kwargs: Any) -> Stream:
-        """Build a :class:`Stream`; keyword arguments override the benchmark's caps."""
+        """Build a :class:`Stream`: keyword arguments go to :func:`build_stream` (``test_sampling``,
+        ``test_size``, ...) and override the benchmark's caps."""
         options = {"max_train_instances": self.max_train_instances, "max_test_instances": self.max_test_instances}
         options.update(kwargs)
         seen = options.pop("seen", None) or self.seen

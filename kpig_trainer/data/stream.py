@@ -7,12 +7,19 @@ task's split does not change when other tasks are added or the stage order chang
 
 from __future__ import annotations
 
+import logging
 import random
-import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 from .records import DataError, Instance, Task
+from .sampling import TEST_SAMPLINGS, balanced_sample, check_test_sampling, label_key, self_bleu_sample
+
+logger = logging.getLogger(__name__)
+
+# label_key and balanced_sample live in .sampling; they stay importable from here.
+__all__ = ["ORDERS", "STAGE_ORDERS", "TEST_SAMPLINGS", "Stage", "Stream", "balanced_sample", "build_stream",
+           "label_key", "plan_stages", "split_task"]
 
 ORDERS = ("ST", "SC")
 STAGE_ORDERS = ("given", "shuffle")
@@ -127,15 +134,13 @@ def _features():
     })
 
 
-_TRAILING = re.compile(r"[\s.!?]+$")
-
-
-def label_key(text: str) -> str:
-    """Normalised label used to balance test sampling: casefolded, trailing punctuation dropped."""
-    return _TRAILING.sub("", text.strip().casefold())
-
-
 def _n_test(total: int, test_size: int | float, cap: int | None, task: str) -> int:
+    """Test instances of a seen task: a fraction of it, or a count capped to half of it.
+
+    A count (``test_size >= 1``, e.g. the paper's 100) asks for a number a small task may not
+    have: it is lowered to half the task's instances, so the other half still trains, and a
+    warning names the task. A fraction is taken as asked (at least 1 test and 1 train).
+    """
     if isinstance(test_size, float) and 0 < test_size < 1:
         n = max(1, round(total * test_size))
     elif isinstance(test_size, int) and test_size >= 1:
@@ -144,35 +149,13 @@ def _n_test(total: int, test_size: int | float, cap: int | None, task: str) -> i
         raise DataError(f"test_size must be a fraction in (0, 1) or a positive count, got {test_size!r}")
     if cap is not None:
         n = min(n, cap)
+    if isinstance(test_size, int) and n > total // 2 and total >= 2:
+        logger.warning("task %r: %d instances cannot give %d test instances and keep half for training; "
+                       "taking %d test instances", task, total, n, total // 2)
+        n = total // 2
     if n >= total:
         raise DataError(f"task {task!r}: {total} instance(s) cannot give {n} test and at least 1 train instance")
     return n
-
-
-def balanced_sample(instances: Sequence[Instance], n: int, rng: random.Random) -> list[Instance]:
-    """Sample ``n`` instances spread evenly over their labels (round robin over label groups).
-
-    Labels are the normalised first output; groups are visited in sorted label order, each
-    shuffled by ``rng``, so small labels are not crowded out by frequent ones.
-    """
-    groups: dict[str, list[Instance]] = {}
-    for instance in instances:
-        groups.setdefault(label_key(instance.output), []).append(instance)
-    queues = [groups[k] for k in sorted(groups)]
-    for queue in queues:
-        rng.shuffle(queue)
-    chosen: list[Instance] = []
-    position = 0
-    while len(chosen) < n:
-        progressed = False
-        for queue in queues:
-            if position < len(queue) and len(chosen) < n:
-                chosen.append(queue[position])
-                progressed = True
-        if not progressed:
-            break
-        position += 1
-    return chosen
 
 
 def split_task(
@@ -184,21 +167,29 @@ def split_task(
     max_test_instances: int | None = None,
     balance_labels: bool = True,
     test_only: bool = False,
+    test_sampling: str = "balanced",
 ) -> tuple[list[Instance], list[Instance]]:
     """Deterministic train/test split of one task.
 
-    The random generator is seeded with ``(seed, task name)``. Test instances are drawn first,
-    balanced over labels for ``In choice`` tasks when ``balance_labels``; train instances are
-    the rest, shuffled and capped at ``max_train_instances``. Both keep file order. With
-    ``test_only`` (held-out tasks) every instance may be drawn for the test and train is empty.
+    The random generator is seeded with ``(seed, task name)``. Test instances are drawn first
+    (their number: see :func:`_n_test`), by ``test_sampling``: ``"balanced"``, a random draw
+    spread over labels for ``In choice`` tasks when ``balance_labels`` (plain random
+    otherwise); ``"self_bleu"``, the same label balance with a low-Self-BLEU pick within it
+    (:func:`~kpig_trainer.data.sampling.self_bleu_sample`). Train instances are the rest,
+    shuffled and capped at ``max_train_instances``. Both keep file order. With ``test_only``
+    (held-out tasks) every instance may be drawn for the test and train is empty.
     """
+    check_test_sampling(test_sampling)
     rng = random.Random(f"{seed}/{task.name}")
     pool = list(task.instances)
     if test_only:
         n_test = min(len(pool), max_test_instances) if max_test_instances else len(pool)
     else:
         n_test = _n_test(len(pool), test_size, max_test_instances, task.name)
-    if balance_labels and task.constraints.scope == "In choice":
+    by_label = balance_labels and task.constraints.scope == "In choice"
+    if test_sampling == "self_bleu":
+        test = self_bleu_sample(pool, n_test, rng, by_label=by_label) if n_test < len(pool) else list(pool)
+    elif by_label:
         test = balanced_sample(pool, n_test, rng)
     else:
         test = rng.sample(pool, n_test)
@@ -269,6 +260,7 @@ def build_stream(
     max_test_instances: int | None = 100,
     balance_labels: bool = True,
     categories: Sequence[str] | None = None,
+    test_sampling: str = "balanced",
 ) -> Stream:
     """Build a continual stream.
 
@@ -279,14 +271,19 @@ def build_stream(
         order: ``"ST"`` (one task per stage) or ``"SC"`` (one category per stage).
         stage_order: ``"given"`` or ``"shuffle"`` (seeded).
         seed: seeds splits and shuffles.
-        test_size: per seen task, a fraction or a count of test instances.
+        test_size: per seen task, a fraction or a count of test instances; a count is
+            lowered to half of a task that is too small for it (with a warning).
         max_train_instances / max_test_instances: caps per task.
         balance_labels: spread test instances over labels for ``In choice`` tasks.
         categories: explicit category order for ``SC``.
+        test_sampling: how test instances are drawn: ``"balanced"`` (seeded, label-balanced)
+            or ``"self_bleu"`` (label-balanced and diverse, as the KPIG paper; see
+            :func:`~kpig_trainer.data.sampling.self_bleu_sample`).
 
     Raises:
         DataError: a split names an unknown task, a task is both seen and held out, there is
-            no stage, a category has no task, or a task is too small to split.
+            no stage, a category has no task, a task is too small to split, or
+            ``test_sampling`` is unknown.
     """
     from .loaders import Split
 
@@ -298,17 +295,17 @@ def build_stream(
     for name in seen:
         train[name], test[name] = split_task(
             tasks[name], seed=seed, test_size=test_size, max_train_instances=max_train_instances,
-            max_test_instances=max_test_instances, balance_labels=balance_labels,
+            max_test_instances=max_test_instances, balance_labels=balance_labels, test_sampling=test_sampling,
         )
     for name in held_out:
         _, test[name] = split_task(
             tasks[name], seed=seed, max_test_instances=max_test_instances, balance_labels=balance_labels,
-            test_only=True,
+            test_only=True, test_sampling=test_sampling,
         )
     used = {n: tasks[n] for n in list(seen) + list(held_out)}
     settings = {
         "order": order, "stage_order": stage_order, "seed": seed, "test_size": test_size,
         "max_train_instances": max_train_instances, "max_test_instances": max_test_instances,
-        "balance_labels": balance_labels,
+        "balance_labels": balance_labels, "test_sampling": test_sampling,
     }
     return Stream(stages, used, train, test, list(seen), list(held_out), order, seed, settings)

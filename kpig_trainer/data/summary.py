@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 from .benchmark import BENCHMARKS, load_annotations, load_benchmark
 from .loaders import load_splits, load_tasks
-from .stream import ORDERS, STAGE_ORDERS, Stream, build_stream
+from .stream import ORDERS, STAGE_ORDERS, TEST_SAMPLINGS, Stream, build_stream
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
@@ -36,6 +36,7 @@ def stream_summary(stream: Stream) -> dict[str, Any]:
     return {
         "order": stream.order,
         "seed": stream.seed,
+        "test_sampling": stream.settings.get("test_sampling", "balanced"),
         "tasks": rows,
         "categories": [
             {"category": c, "seen": categories[(c, "seen")], "held-out": categories[(c, "held-out")]} for c in names
@@ -65,7 +66,8 @@ def render_summary(summary: dict[str, Any], title: str) -> str:
     totals = summary["totals"]
     return "\n\n".join([
         f"{title}: {totals['seen_tasks']} seen + {totals['held_out_tasks']} held-out tasks, "
-        f"{totals['categories']} categories, {totals['stages']} stages ({summary['order']}, seed {summary['seed']})",
+        f"{totals['categories']} categories, {totals['stages']} stages ({summary['order']}, seed {summary['seed']}, "
+        f"{summary['test_sampling']} test sampling)",
         "Tasks\n" + format_table(summary["tasks"]),
         "Categories\n" + format_table(summary["categories"]),
         "Stage plan\n" + format_table(stages, ["stage", "name", "train", "tasks"]),
@@ -87,7 +89,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     stream.add_argument("--order", choices=ORDERS, default="ST", help="ST: one task per stage; SC: one category per stage")
     stream.add_argument("--stage-order", choices=STAGE_ORDERS, default="given", help="keep the given order or shuffle (seeded)")
     stream.add_argument("--seed", type=int, default=42)
-    stream.add_argument("--test-size", type=float, default=0.2, help="fraction (<1) or count (>=1) of test instances per seen task")
+    stream.add_argument("--test-size", type=float, default=0.2,
+                        help="fraction (<1) or count (>=1, the paper: 100) of test instances per seen task; "
+                             "a task too small for the count gives half its instances")
+    stream.add_argument("--test-sampling", choices=TEST_SAMPLINGS, default="balanced",
+                        help="balanced: seeded draw spread over labels; self_bleu: spread over labels and "
+                             "diverse (low Self-BLEU), as the KPIG paper")
     stream.add_argument("--max-train", type=int, default=None, help="cap of train instances per task")
     stream.add_argument("--max-test", type=int, default=None, help="cap of test instances per task")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
@@ -95,7 +102,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     test_size: int | float = int(args.test_size) if args.test_size >= 1 else args.test_size
-    options = {"order": args.order, "stage_order": args.stage_order, "seed": args.seed, "test_size": test_size}
+    options = {"order": args.order, "stage_order": args.stage_order, "seed": args.seed, "test_size": test_size,
+               "test_sampling": args.test_sampling}
     if args.tasks:
         annotations = load_annotations(args.annotations) if args.annotations else None
         tasks = load_tasks(args.tasks, annotations=annotations)

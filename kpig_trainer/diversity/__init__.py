@@ -16,12 +16,13 @@ from .heuristic import (
 )
 from .pool import DiversitySummary, TaskResult, diversify, grow_pool, normalize_instruction
 from .prompts import PromptTemplates, load_templates
+from .shipped import SHIPPED_POOLS, SHIPPED_POOLS_DIR, load_run_pools
 
 __all__ = [
     "DiversityClient", "DiversityError", "DiversitySummary", "EndpointError", "EndpointUnavailable",
     "HEURISTIC_STRATEGIES", "HeuristicBackend", "KeyPartParseError", "LLMBackend", "PromptTemplates",
-    "RequestRejected", "RunStopped", "STRATEGIES", "TaskResult", "clean_instruction", "diversify",
-    "evaluate_heuristic", "extract_key_parts_heuristic", "grow_pool", "heuristic_rewrite", "load_pools",
-    "load_templates", "normalize_instruction", "parse_key_part_list", "pool_path", "read_pool",
-    "validate_key_parts",
+    "RequestRejected", "RunStopped", "SHIPPED_POOLS", "SHIPPED_POOLS_DIR", "STRATEGIES", "TaskResult",
+    "clean_instruction", "diversify", "evaluate_heuristic", "extract_key_parts_heuristic", "grow_pool",
+    "heuristic_rewrite", "load_pools", "load_run_pools", "load_templates", "normalize_instruction",
+    "parse_key_part_list", "pool_path", "read_pool", "validate_key_parts",
 ]

@@ -22,7 +22,7 @@ from .metrics import (
     set_match,
     token_f1,
 )
-from .scores import TaskScore, p_score, score_task, v_score, violation_rates
+from .scores import TaskScore, p_score, score_task, v_score, v_score_paper, violation_rates
 
 # Generation, evaluation, the continual matrix, probes and reports are imported on first
 # use, so that importing the metrics (or `kpig compare`) does not import torch.
@@ -83,6 +83,7 @@ __all__ = [
     "StageRecord",
     "token_f1",
     "v_score",
+    "v_score_paper",
     "violation_rates",
     "violations",
     "compare_markdown",

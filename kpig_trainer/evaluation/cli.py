@@ -34,6 +34,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --tasks: treat this task as held-out (repeat); a benchmark has its own split")
     parser.add_argument("--max-test", type=int, help="test instances per task (default: the benchmark's cap, else 100)")
     parser.add_argument("--seed", type=int, default=42, help="seed of the test split (the stream's; default 42)")
+    parser.add_argument("--test-size", type=float, default=0.2,
+                        help="test instances per seen task, as the run's test_size: a fraction (<1) or a count")
+    parser.add_argument("--test-sampling", choices=("balanced", "self_bleu"), default="balanced",
+                        help="how the run drew its test instances (its test_sampling; default balanced)")
     parser.add_argument("--out", type=Path, default=Path("eval-report"), help="output directory (default: eval-report)")
     parser.add_argument("--name", help="run name in tables (default: the model, plus the adapter)")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -133,6 +137,8 @@ def run_eval(args: argparse.Namespace) -> int:
     for name in seen + held_out:
         _, instances[name] = split_task(
             tasks[name], seed=args.seed, max_test_instances=max_test, test_only=name in held_out,
+            test_size=int(args.test_size) if args.test_size >= 1 else args.test_size,
+            test_sampling=args.test_sampling,
         )
     model, tokenizer, device = _load(args)
     loaded = time.perf_counter()

@@ -18,7 +18,7 @@ from typing import Any
 from ..data.records import Instance, Task
 from .generation import generate_answers
 from .judge import JudgeError
-from .scores import VIOLATION_TYPES, TaskScore, p_score, score_task, v_score, violation_rates
+from .scores import VIOLATION_TYPES, TaskScore, p_score, score_task, v_score, v_score_paper, violation_rates
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,8 @@ def _nan_to_none(value: float) -> float | None:
 
 
 def group_summary(scores: Sequence[TaskScore], ig: Mapping[str, float | None] | None = None) -> dict[str, Any]:
-    """P-score, V-score, per-type violation rates, task count and mean IG of a task group.
+    """P-score, V-score (``v_score`` pooled, ``v_score_paper`` the paper's mean of the per-type
+    means: see :mod:`.scores`), per-type violation rates, task count and mean IG of a task group.
 
     Values are 0-100 (IG is a raw information gain); None where nothing applies (no task,
     no applicable violation check, no IG measured)."""
@@ -59,6 +60,7 @@ def group_summary(scores: Sequence[TaskScore], ig: Mapping[str, float | None] | 
     return {
         "p_score": _nan_to_none(p_score(scores)),
         "v_score": _nan_to_none(v_score(scores)),
+        "v_score_paper": _nan_to_none(v_score_paper(scores)),
         **{kind: _nan_to_none(rates[kind]) for kind in VIOLATION_TYPES},
         "n_tasks": len(scores),
         "n_instances": sum(s.n for s in scores),

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from ..fileio import append_line
 
-__all__ = ["JudgeError", "LLMJudge", "parse_verdict"]
+__all__ = ["JudgeError", "LLMJudge", "check_api_key", "parse_verdict"]
 
 SYSTEM_PROMPT = (
     "You grade answers to short open-ended tasks. Decide whether the answer is a reasonable "
@@ -45,6 +45,14 @@ def parse_verdict(reply: str) -> bool | None:
         return words[0] == "yes"
     found = {word for word in words if word in ("yes", "no")}
     return (found == {"yes"}) if len(found) == 1 else None
+
+
+def check_api_key(api_key_env: str | None, base_url: str, option: str = "api_key_env") -> None:
+    """Raise ValueError, naming ``option``, when ``api_key_env`` names an unset (or empty)
+    environment variable: a judge without its key would silently fall back to ROUGE-L."""
+    if api_key_env and not os.environ.get(api_key_env):
+        raise ValueError(f"{option}: the environment variable {api_key_env} is not set; export it with the key "
+                         f"of {base_url}, or set {option} to '' for an endpoint without a key")
 
 
 def _describe(label: str, text: str | None) -> str:

@@ -30,9 +30,9 @@ qualifies, e.g. BWT after the first stage):
   ``R[t, h] - R[init, h]``: how the run changed the never-trained tasks (the paper's INIT is
   usually an upper bound there, so this is typically <= 0). Needs the initial row.
 
-Each row also records the P-score and V-score of the seen tasks (all, and trained so far),
-the held-out tasks and the mean IG of each group: the columns of the paper's Table 1 and the
-curves of its Figure 4.
+Each row also records the P-score, the V-score (pooled, and the paper's mean of per-type
+means) and the mean IG of the seen tasks (all, and trained so far) and of the held-out tasks:
+the columns of the paper's Table 1 and the curves of its Figure 4.
 """
 
 from __future__ import annotations
@@ -68,13 +68,17 @@ def _cell(score: TaskScore | Mapping[str, Any], ig: float | None) -> dict[str, A
 
 
 def _group(cells: Mapping[str, Mapping[str, Any]], names: Sequence[str]) -> dict[str, Any]:
-    """P-score, V-score and mean IG of some tasks of a row (same pooling as ``scores.v_score``:
-    every applicable (task, violation type) rate counts once)."""
+    """P-score, V-score and mean IG of some tasks of a row: ``v_score`` pools every applicable
+    (task, violation type) rate (``scores.v_score``), ``v_score_paper`` is the mean of the
+    per-type means (``scores.v_score_paper``)."""
     present = [cells[n] for n in names if n in cells]
-    rates = [c[k] for c in present for k in ("wfr", "oos", "wr") if c.get(k) is not None]
+    kinds = ("wfr", "oos", "wr")
+    rates = [c[k] for c in present for k in kinds if c.get(k) is not None]
+    per_type = [_mean([c[k] for c in present if c.get(k) is not None]) for k in kinds]
     return {
         "p_score": _mean([c["performance"] for c in present]),
         "v_score": _mean(rates),
+        "v_score_paper": _mean([m for m in per_type if m is not None]),
         "ig": _mean([c["ig"] for c in present if c.get("ig") is not None]),
         "n_tasks": len(present),
     }
@@ -89,8 +93,8 @@ class StageRecord:
         label: row label for tables and plots ("init", "stage 1", ...).
         cells: ``{task: {"performance", "v_score", "wfr", "oos", "wr", "ig", "n"}}``.
         summary: ``{"seen": ..., "trained": ..., "held_out": ...}``, each with ``p_score``,
-            ``v_score``, ``ig`` and ``n_tasks``; "seen" is every seen task, "trained" the
-            seen tasks trained up to this stage.
+            ``v_score``, ``v_score_paper``, ``ig`` and ``n_tasks``; "seen" is every seen task,
+            "trained" the seen tasks trained up to this stage.
     """
 
     stage: int | None
@@ -272,11 +276,12 @@ class ContinualMatrix:
 
     def curves(self) -> dict[str, list]:
         """Per-row series for plots: ``labels`` and, for each of ``trained``, ``seen`` and
-        ``held_out``, its ``p_score``, ``v_score`` and ``ig`` lists (initial row first)."""
+        ``held_out``, its ``p_score``, ``v_score``, ``v_score_paper`` and ``ig`` lists (initial
+        row first; ``v_score_paper`` is None in rows saved before it existed)."""
         rows = ([self.initial] if self.initial is not None else []) + self.rows
         series: dict[str, list] = {"labels": [r.label for r in rows]}
         for group in ("trained", "seen", "held_out"):
-            for key in ("p_score", "v_score", "ig"):
+            for key in ("p_score", "v_score", "v_score_paper", "ig"):
                 series[f"{group}_{key}"] = [r.summary.get(group, {}).get(key) for r in rows]
         return series
 

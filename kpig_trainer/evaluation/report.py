@@ -12,7 +12,8 @@ or removed without a new version)::
       "versions": {"python", "platform", "torch", "transformers", "peft", "kpig_trainer"},
       "summary": {                        # Table 1 columns (a continual run: its final stage)
         "seen" | "held_out" | "all": {
-          "p_score", "v_score",           # 0-100, null when nothing applies
+          "p_score", "v_score",           # 0-100, null when nothing applies; v_score: pooled
+          "v_score_paper",                # the paper's reading: mean of the wfr, oos, wr means
           "wfr", "oos", "wr",             # mean rate of each violation type, 0-100 or null
           "n_tasks", "n_instances", "ig"  # ig: mean information gain, null if not measured
         }
@@ -225,7 +226,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def table1_row(report: Mapping[str, Any]) -> dict[str, Any]:
-    """The numbers of a run's Table 1 row: seen / held-out P- and V-score, plus the matrix
+    """The numbers of a run's Table 1 row: seen / held-out P- and V-score (pooled, and the
+    paper's reading: ``*_v_paper``, None in reports written before it existed), plus the matrix
     metrics (average performance, BWT, forgetting, FWT) of a continual run."""
     summary = report.get("summary", {})
     metrics = (report.get("matrix") or {}).get("metrics", {})
@@ -234,6 +236,8 @@ def table1_row(report: Mapping[str, Any]) -> dict[str, Any]:
         "seen_p": summary.get("seen", {}).get("p_score"), "seen_v": summary.get("seen", {}).get("v_score"),
         "held_out_p": summary.get("held_out", {}).get("p_score"),
         "held_out_v": summary.get("held_out", {}).get("v_score"),
+        "seen_v_paper": summary.get("seen", {}).get("v_score_paper"),
+        "held_out_v_paper": summary.get("held_out", {}).get("v_score_paper"),
         "average": metrics.get("average_performance"), "bwt": metrics.get("bwt"),
         "forgetting": metrics.get("forgetting"), "fwt": metrics.get("fwt"), "fwt_held_out": metrics.get("fwt_held_out"),
     }
@@ -241,8 +245,14 @@ def table1_row(report: Mapping[str, Any]) -> dict[str, Any]:
 
 _TABLE1_KEYS = ("seen_p", "seen_v", "held_out_p", "held_out_v")
 _TABLE1_HEADER = ["Run", "Seen P-score", "Seen V-score", "Held-out P-score", "Held-out V-score"]
+_PAPER_V_KEYS = ("seen_v_paper", "held_out_v_paper")
+_PAPER_V_HEADER = ["Seen V (paper)", "Held-out V (paper)"]
 _MATRIX_HEADER = ["Average", "BWT", "Forgetting", "FWT (seen)", "FWT (held-out)"]
 _MATRIX_KEYS = ("average", "bwt", "forgetting", "fwt", "fwt_held_out")
+_V_SCORE_NOTE = (
+    "The headline V-score is the mean of every applicable (task, check) rate, kept so that earlier reports "
+    "and the printed stage table stay comparable; V (paper) is the paper's reading, the mean of the WFR, OOS "
+    "and WR means, for comparison with its Table 1.")
 
 
 def render_markdown(report: Mapping[str, Any]) -> str:
@@ -255,16 +265,19 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     parts += [f"{report.get('kind', 'eval').capitalize()} report, created {report.get('created')}."
               + (f" {described}." if described else ""), ""]
     parts += ["## Summary (Table 1 layout)", "",
-              _table(_TABLE1_HEADER, [[row["name"], *(_fmt(row[k]) for k in _TABLE1_KEYS)]]),
+              _table(_TABLE1_HEADER + _PAPER_V_HEADER,
+                     [[row["name"], *(_fmt(row[k]) for k in (*_TABLE1_KEYS, *_PAPER_V_KEYS))]]),
               "", "P-score: mean task performance (higher is better). V-score: mean violation rate "
-              "(WFR, OOS, WR; lower is better). Both 0-100.", ""]
+              "(WFR, OOS, WR; lower is better). All 0-100.", "", _V_SCORE_NOTE, ""]
     summary = report.get("summary", {})
+    group_keys = ("p_score", "v_score", "v_score_paper", "wfr", "oos", "wr")
     group_rows = [
-        [g.replace("_", "-"), *(_fmt(summary[g].get(k)) for k in ("p_score", "v_score", "wfr", "oos", "wr")),
+        [g.replace("_", "-"), *(_fmt(summary[g].get(k)) for k in group_keys),
          _fmt(summary[g].get("ig"), 3), _fmt(summary[g].get("n_tasks"))]
         for g in (*_GROUPS, "all") if summary.get(g)
     ]
-    parts += [_table(["Group", "P-score", "V-score", "WFR", "OOS", "WR", "IG", "Tasks"], group_rows), ""]
+    parts += [_table(["Group", "P-score", "V-score", "V (paper)", "WFR", "OOS", "WR", "IG", "Tasks"], group_rows),
+              ""]
     matrix = report.get("matrix")
     if matrix:
         parts += _matrix_section(matrix)
@@ -305,9 +318,11 @@ def _matrix_section(matrix: Mapping[str, Any]) -> list[str]:
              _table(["After", *tasks], [[label, *(_fmt(v) for v in row)] for label, row in zip(labels, table)]), ""]
     curves = m.curves()
     lines += ["P/V-score per stage:", "", _table(
-        ["After", "Trained P", "Trained V", "Held-out P", "Held-out V", "Seen IG", "Held-out IG"],
+        ["After", "Trained P", "Trained V", "Held-out P", "Held-out V", "Trained V (paper)", "Held-out V (paper)",
+         "Seen IG", "Held-out IG"],
         [[label, _fmt(curves["trained_p_score"][k]), _fmt(curves["trained_v_score"][k]),
           _fmt(curves["held_out_p_score"][k]), _fmt(curves["held_out_v_score"][k]),
+          _fmt(curves["trained_v_score_paper"][k]), _fmt(curves["held_out_v_score_paper"][k]),
           _fmt(curves["seen_ig"][k], 3), _fmt(curves["held_out_ig"][k], 3)]
          for k, label in enumerate(curves["labels"])]), ""]
     return lines
@@ -336,17 +351,21 @@ def _probe_section(task: str, probe: Mapping[str, Any]) -> list[str]:
 def compare_markdown(reports: Sequence[Mapping[str, Any]], names: Sequence[str] | None = None) -> str:
     """Runs side by side in the paper's Table 1 layout (one row per run), with the matrix
     metrics of continual runs; the best value of each column is bold (P-score, average and
-    transfer: highest; V-score and forgetting: lowest)."""
+    transfer: highest; V-score and forgetting: lowest). The paper's V-score reading gets its
+    columns when a report has it (reports written before it existed show "-")."""
     rows = [table1_row(r) for r in reports]
     if names:
         for row, label in zip(rows, names):
             row["name"] = label
     keys = list(_TABLE1_KEYS)
     header = list(_TABLE1_HEADER)
+    if any("v_score_paper" in (r.get("summary") or {}).get(g, {}) for r in reports for g in _GROUPS):
+        keys += list(_PAPER_V_KEYS)
+        header += _PAPER_V_HEADER
     if any(r.get("matrix") for r in reports):
         keys += list(_MATRIX_KEYS)
         header += _MATRIX_HEADER
-    lower_is_better = {"seen_v", "held_out_v", "forgetting"}
+    lower_is_better = {"seen_v", "held_out_v", *_PAPER_V_KEYS, "forgetting"}
     best = {}
     for key in keys:
         values = [r[key] for r in rows if r[key] is not None]

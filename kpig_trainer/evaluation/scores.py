@@ -12,7 +12,8 @@ from .metrics import score_example
 if TYPE_CHECKING:
     from .judge import LLMJudge
 
-__all__ = ["VIOLATION_TYPES", "TaskScore", "p_score", "score_task", "v_score", "violation_rates"]
+__all__ = ["VIOLATION_TYPES", "TaskScore", "p_score", "score_task", "v_score", "v_score_paper",
+           "violation_rates"]
 
 VIOLATION_TYPES = ("wfr", "oos", "wr")
 
@@ -118,16 +119,16 @@ def p_score(task_scores: Sequence[TaskScore]) -> float:
 
 
 def v_score(task_scores: Sequence[TaskScore]) -> float:
-    """V-score: the mean of all applicable (task, violation type) rates, 0-100.
+    """V-score, pooled (the headline): the mean of all applicable (task, violation type)
+    rates, 0-100.
 
-    The paper calls the V-score "the average of WFR, OOS, and WR" and the P-score "the
-    average of F1, ACC, ROUGE, BLEU, Match, and GPT"; both are read here as means over
-    the task-level values they pool. Every rate that applies (``wfr``, ``oos``, ``wr``
-    not None) counts once, so a task annotated with two constraints contributes two rates
-    and a task with none contributes nothing (counting it as 0 would reward tasks that
-    have no constraints). We do not average per-type means first: that would give the
-    rare WR threshold (a couple of tasks) as much weight as OOS over dozens of tasks.
-    NaN when no rate applies.
+    Every rate that applies (``wfr``, ``oos``, ``wr`` not None) counts once, so a task
+    annotated with two checks contributes two rates and a task with none contributes
+    nothing (counting it as 0 would reward tasks without constraints). This reads the
+    V-score the way :func:`p_score` reads the P-score: a mean over task-level values. A type
+    weighs by the number of tasks it applies to (in the shipped SuperNI-KPIG annotations WR
+    applies to all 101 tasks, OOS to 59, WFR to 12). The paper's literal reading, "the
+    average of WFR, OOS and WR", is :func:`v_score_paper`. NaN when no rate applies.
     """
     rates = [
         getattr(score, kind)
@@ -136,6 +137,16 @@ def v_score(task_scores: Sequence[TaskScore]) -> float:
         if getattr(score, kind) is not None
     ]
     return sum(rates) / len(rates) if rates else math.nan
+
+
+def v_score_paper(task_scores: Sequence[TaskScore]) -> float:
+    """V-score, the paper's reading (section 3.4): the mean of the per-type means of
+    :func:`violation_rates` (WFR over the tasks it applies to, OOS over its tasks, WR over
+    its tasks), over the types that apply to at least one task. Every type weighs a third
+    however few tasks it covers. For one task it equals :func:`v_score`. NaN when no rate
+    applies."""
+    means = [mean for mean in violation_rates(task_scores).values() if not math.isnan(mean)]
+    return sum(means) / len(means) if means else math.nan
 
 
 def violation_rates(task_scores: Sequence[TaskScore]) -> dict[str, float]:
