@@ -32,6 +32,10 @@ def _fmt(stat: dict[str, Any] | None, digits: int = 1) -> str:
     return text + (f" ± {stat['sd']:.{digits}f}" if stat.get("sd") is not None else "")
 
 
+def _num(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
             *("| " + " | ".join(r) + " |" for r in rows), ""]
@@ -109,6 +113,29 @@ def flip_counts(runs: dict[int, Path]) -> dict[str, Any]:
             "compared": _stats([sum(p["compared"] for p in f) for f in per_seed])}
 
 
+def kpig_diagnostics(runs: dict[int, Path]) -> dict[str, Any]:
+    """What the KPIG terms did during training, from ``logs/train.jsonl`` and ``logs/replay.jsonl``:
+    the IG and temperature the steps saw, the JSD term's share of the loss, and the replay choices."""
+    steps, replays = [], []
+    for directory in runs.values():
+        weight = json.loads((directory / "config.json").read_text())["training"].get("jsd_weight", 0.0)
+        for line in (directory / "logs" / "train.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            if "ce" in record and record.get("loss"):
+                steps.append({**record, "jsd_share": weight * record.get("jsd", 0.0) / record["loss"]})
+        path = directory / "logs" / "replay.jsonl"
+        if path.exists():
+            replays += [{"stage": r["stage"], "tasks": r["tasks"], "scores": r.get("scores", {})}
+                        for r in map(json.loads, path.read_text().splitlines())]
+
+    def spread(key: str) -> dict[str, Any]:
+        values = [r[key] for r in steps if isinstance(r.get(key), (int, float))]
+        return {**_stats(values), "min": min(values) if values else None, "max": max(values) if values else None}
+
+    return {"steps": len(steps), "ig": spread("ig"), "temperature": spread("temperature"),
+            "jsd": spread("jsd"), "jsd_share": spread("jsd_share"), "replay": replays}
+
+
 def probe_table(runs: dict[str, dict[int, Path]]) -> dict[str, Any]:
     """The misleading-constraint probe (Table 4 layout) on the final model of INIT, SFT, MULTI and KPIG."""
     from kpig_trainer.evaluation.probes import load_probe, misleading_constraint_probe
@@ -179,6 +206,7 @@ def write_study_report(runs: dict[str, dict[int, Path]], out: Path, *, timings: 
         "ig_curves": {m: ig_curves(reports[m]) for m in ("sft", "kpig") if m in reports},
         "flips": {m: flip_counts(seeds) for m, seeds in runs.items() if m != "init"},
         "probe": probe_table(runs) if probe else {},
+        "diagnostics": {m: kpig_diagnostics(seeds) for m, seeds in runs.items() if m.startswith("kpig")},
         "timings": dict(timings or {}),
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -233,6 +261,19 @@ def render_markdown(study: dict[str, Any]) -> str:
         body.append(["IG", *("-" if spec["methods"][m].get("ig") is None else f"{spec['methods'][m]['ig']:.3f}"
                               for m in methods_)])
         lines += _table(["Response", *methods_], body)
+    if study["diagnostics"]:
+        lines += ["## What the KPIG terms did (training logs, every step of every seed)", ""]
+        lines += _table(["Method", "Steps", "IG mean ± sd [min, max]", "Temperature [min, max]", "JSD share of loss"],
+                        [[m, str(d["steps"]), f"{_fmt(d['ig'], 4)} [{_num(d['ig']['min'])}, {_num(d['ig']['max'])}]",
+                          f"[{_num(d['temperature']['min'])}, {_num(d['temperature']['max'])}]",
+                          f"{_fmt(d['jsd_share'], 4)} (max {_num(d['jsd_share']['max'])})"]
+                         for m, d in study["diagnostics"].items()])
+        for m, d in study["diagnostics"].items():
+            if d["replay"]:
+                lines += [f"Replay of {m} (stage: chosen tasks, lowest score first):", ""]
+                lines += [f"- stage {r['stage']}: " + ", ".join(
+                    f"{t} ({r['scores'][t]:.4f})" if t in r["scores"] else t for t in r["tasks"]) for r in d["replay"]]
+                lines += [""]
     if study["ig_curves"]:
         lines += ["## IG over stages", "", "![IG over stages, SFT vs KPIG](ig_over_stages.png)", ""]
     if study["timings"]:

@@ -42,6 +42,10 @@ def test_study_writes_every_table_from_the_run_directories(study):
                     "Misleading constraint", "IG over stages"):
         assert section in markdown
     assert set(data["flips"]) == {"sft", "kpig"}
+    # KPIG's own terms, from its training log: T = 2 - min(IG, 1) is never below 1
+    diagnostics = data["diagnostics"]["kpig"]
+    assert diagnostics["steps"] > 0 and 1.0 <= diagnostics["temperature"]["min"] <= diagnostics["temperature"]["max"]
+    assert 0.0 <= diagnostics["jsd_share"]["min"] and "What the KPIG terms did" in markdown
     assert set(data["probe"]["lowercase_labels"]["methods"]) == {"sft", "kpig"}
 
 
