@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .data.summary import format_table
-from .run_state import RunState, row_order
+from .run_state import RunState, in_stage_order
 
 
 def _fmt(value: Any, digits: int = 1) -> str:
@@ -32,7 +32,7 @@ def stage_row(key: str, evaluation: dict[str, Any]) -> dict[str, Any]:
 def stage_table(state: RunState) -> str:
     """Per-stage table: what was trained, what was replayed, and the evaluation after it."""
     rows = []
-    for key, evaluation in sorted(state.evaluation.items(), key=lambda item: row_order(item[0])):
+    for key, evaluation in in_stage_order(state.evaluation).items():
         row = stage_row(key, evaluation)
         if key != "init":
             stage = int(key) - 1

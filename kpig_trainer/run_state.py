@@ -32,6 +32,11 @@ def row_order(key: str) -> int:
     return -1 if key == "init" else int(key)
 
 
+def in_stage_order(rows: dict[str, Any]) -> dict[str, Any]:
+    """Evaluation rows keyed ``"init"``, ``"1"``, ``"2"``, ... re-ordered by :func:`row_order`."""
+    return dict(sorted(rows.items(), key=lambda item: row_order(item[0])))
+
+
 @dataclass
 class RunState:
     """What a continual run has done so far.
@@ -56,12 +61,11 @@ class RunState:
 
     def __post_init__(self) -> None:
         # Rows come from state.json in any order (older files are key-sorted: "1" < "10" < "init").
-        self.evaluation = dict(sorted(self.evaluation.items(), key=lambda item: row_order(item[0])))
+        self.evaluation = in_stage_order(self.evaluation)
 
     def record_evaluation(self, key: str, entry: dict[str, Any]) -> None:
         """Set the evaluation row ``key`` (``"init"``, ``"1"``, ...), keeping rows in stage order."""
-        self.evaluation[key] = entry
-        self.__post_init__()
+        self.evaluation = in_stage_order({**self.evaluation, key: entry})
 
     @classmethod
     def load(cls, path: str | Path) -> "RunState":
