@@ -26,17 +26,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from study_report import write_study_report  # noqa: E402
 
+from kpig_trainer.fileio import atomic_write_text  # noqa: E402
+
 BASE_RECIPE = ROOT / "recipes" / "study" / "base.yaml"
 KPIG = ["--method", "kpig", "--replay_strategy", "kpig"]
 
 #: Method name -> options on top of the base recipe (the paper's Tables 1 and 2).
 METHODS: dict[str, list[str]] = {
-    "init": ["--method", "init"],
-    "sft": ["--method", "sft"],
+    # The base model is scored once per seed, with IG; the other runs skip that row (eval_init false).
+    "init": ["--method", "init", "--eval_init", "true", "--eval_ig", "true"],
+    "sft": ["--method", "sft", "--eval_ig", "true"],
     "lora": ["--method", "lora"],
     "replay_random": ["--method", "sft", "--replay_strategy", "random"],
     "entropy": ["--method", "sft", "--replay_strategy", "entropy"],
-    "kpig": [*KPIG, "--ig_source", "previous"],
+    "kpig": [*KPIG, "--ig_source", "previous", "--eval_ig", "true"],  # IG over stages: sft vs kpig
     "kpig_ig_current": [*KPIG, "--ig_source", "current"],
     "kpig_wo_div": [*KPIG, "--ig_source", "previous"],
     "kpig_wo_mask": ["--method", "kpig", "--replay_strategy", "entropy", "--jsd_on", "full", "--ig_source", "previous"],
@@ -50,6 +53,18 @@ RUN_ORDER = ("sft", "kpig", "replay_random", "init", "multi", "entropy", "lora",
 assert sorted(RUN_ORDER) == sorted(METHODS)
 #: Methods run with every seed of ``--seeds``; the others with the first seed only.
 SEEDED = ("sft", "replay_random", "kpig")
+
+#: ``tune``: KPIG settings tried one at a time around the paper's SuperNI values (alpha 0.3,
+#: lambda 0.02) and the study's replay budget, each scored on validation instances carved from the
+#: seen tasks' training pools (never a test set).
+TUNE_GRID: dict[str, list[str]] = {
+    "base": [],
+    "alpha_0.6": ["--alpha", "0.6"],
+    "jsd_weight_0.1": ["--jsd_weight", "0.1"],
+    "replay_instances_8": ["--replay_instances", "8"],
+}
+TUNE_EVAL = ["--eval_split", "validation", "--validation_size", "10", "--eval_tasks", "final", "--eval_init", "false",
+             "--eval_ig", "false"]
 
 #: ``--quick``: the tiny model, 2 stages, 2 methods: a test of the script, not a result.
 QUICK = ["--model_name_or_path", "tiny-llama", "--max_stages", "2", "--max_held_out_tasks", "1",
@@ -69,9 +84,9 @@ def plan(methods: list[str], seeds: list[int]) -> list[tuple[str, int]]:
     return [(m, s) for s in seeds for m in methods if s == seeds[0] or m in SEEDED]
 
 
-def command(method: str, seed: int, args: argparse.Namespace) -> list[str]:
+def command(method: str, seed: int, args: argparse.Namespace, output_dir: Path | None = None) -> list[str]:
     cmd = [sys.executable, str(ROOT / "examples" / "cit.py"), "--recipe", str(BASE_RECIPE),
-           "--output_dir", str(run_dir(args.out, method, seed)), "--seed", str(seed), *METHODS[method]]
+           "--output_dir", str(output_dir or run_dir(args.out, method, seed)), "--seed", str(seed), *METHODS[method]]
     if args.pools and method.startswith("kpig") and method != "kpig_wo_div":
         cmd += ["--instruction_pools", args.pools]
     if args.quick:
@@ -84,26 +99,73 @@ def command(method: str, seed: int, args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    jobs = plan(args.methods, args.seeds)
-    args.out.mkdir(parents=True, exist_ok=True)
-    timings_path = args.out / "timings.json"
+    jobs = [(f"{m}/seed{s}", run_dir(args.out, m, s), command(m, s, args)) for m, s in plan(args.methods, args.seeds)]
+    return _run_jobs(jobs, args.out / "timings.json")
+
+
+def _run_jobs(jobs: list[tuple[str, Path, list[str]]], timings_path: Path) -> int:
+    """Run each ``(name, run directory, command)`` not finished yet; record wall times by name."""
+    timings_path.parent.mkdir(parents=True, exist_ok=True)
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
-    for n, (method, seed) in enumerate(jobs, start=1):
-        directory = run_dir(args.out, method, seed)
+    for n, (name, directory, cmd) in enumerate(jobs, start=1):
         if _finished(directory):
-            print(f"[{n}/{len(jobs)}] {method} seed {seed}: done", flush=True)
+            print(f"[{n}/{len(jobs)}] {name}: done", flush=True)
             continue
-        print(f"[{n}/{len(jobs)}] {method} seed {seed} ...", flush=True)
+        print(f"[{n}/{len(jobs)}] {name} ...", flush=True)
         began = time.perf_counter()
         directory.mkdir(parents=True, exist_ok=True)
-        with open(directory.parent / f"seed{seed}.log", "a", encoding="utf-8") as log:
-            code = subprocess.run(command(method, seed, args), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+        log_path = directory.parent / f"{directory.name}.log"
+        with open(log_path, "a", encoding="utf-8") as log:
+            code = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
         if code != 0:
-            print(f"    failed (exit {code}); see {directory.parent / f'seed{seed}.log'}", flush=True)
+            print(f"    failed (exit {code}); see {log_path}", flush=True)
             return code
-        timings[f"{method}/seed{seed}"] = round(time.perf_counter() - began, 1)
-        timings_path.write_text(json.dumps(timings, indent=2) + "\n")
-        print(f"    {timings[f'{method}/seed{seed}']:.0f} s", flush=True)
+        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - began, 1)  # resumed: summed
+        atomic_write_text(timings_path, json.dumps(timings, indent=2) + "\n")
+        print(f"    {time.perf_counter() - began:.0f} s", flush=True)
+    return 0
+
+
+def tune_dir(args: argparse.Namespace, setting: str) -> Path:
+    return args.out.with_name(args.out.name + "-tune") / setting / f"seed{args.seeds[0]}"
+
+
+def tune(args: argparse.Namespace) -> int:
+    """KPIG under each setting of :data:`TUNE_GRID`, scored on validation data; writes
+    ``tuning.json`` / ``tuning.md`` with the setting of the best validation P-score."""
+    seed = args.seeds[0]
+    jobs = [(f"tune/{name}", tune_dir(args, name),
+             command("kpig", seed, args, output_dir=tune_dir(args, name)) + TUNE_EVAL + options)
+            for name, options in TUNE_GRID.items()]
+    code = _run_jobs(jobs, args.out.with_name(args.out.name + "-tune") / "timings.json")
+    if code:
+        return code
+    from kpig_trainer.evaluation.report import read_report
+
+    results = {}
+    for name, options in TUNE_GRID.items():
+        report = read_report(tune_dir(args, name))
+        training = json.loads((tune_dir(args, name) / "config.json").read_text())["training"]
+        results[name] = {"options": options, "p_score": report["summary"]["seen"]["p_score"],
+                         "v_score": report["summary"]["seen"]["v_score"],
+                         "values": {k: training[k] for k in ("alpha", "jsd_weight", "replay_tasks", "replay_instances")}}
+    best = max(results, key=lambda n: (results[n]["p_score"], n == "base"))  # a tie keeps the base setting
+    summary = {"seed": seed, "validation_size": 10, "objective": "P-score of the seen tasks' validation instances "
+               "after the last stage", "settings": results, "chosen": best}
+    args.results.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.results / "tuning.json", json.dumps(summary, indent=2) + "\n")
+    lines = ["# KPIG tuning on validation data", "",
+             f"Each setting is one KPIG run of the study recipe (seed {seed}) that changes one value of the base "
+             "setting; it is scored on 10 validation instances per seen task, carved from the training pool "
+             "beyond the training cap (`eval_split: validation`), after the last stage. No test instance is used.",
+             "", "| Setting | alpha | jsd_weight | M | N | Validation P | Validation V |", "|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        v = r["values"]
+        v_score = "-" if r["v_score"] is None else f"{r['v_score']:.1f}"
+        lines.append(f"| {name}{' (chosen)' if name == best else ''} | {v['alpha']} | {v['jsd_weight']} | "
+                     f"{v['replay_tasks']} | {v['replay_instances']} | {r['p_score']:.1f} | {v_score} |")
+    atomic_write_text(args.results / "tuning.md", "\n".join(lines) + "\n")
+    print(f"chosen: {best}; see {args.results / 'tuning.md'}")
     return 0
 
 
@@ -112,6 +174,9 @@ def _finished(directory: Path) -> bool:
     if not state.exists():
         return False
     data = json.loads(state.read_text())
+    config = directory / "config.json"
+    if config.exists() and json.loads(config.read_text())["continual"]["method"] == "init":
+        return "init" in data["evaluation"]  # evaluation only: no stage to complete
     return data["completed"] == len(data["stages"]) and bool(data["evaluation"])
 
 
@@ -144,7 +209,9 @@ def mean_spread(values: list[float]) -> tuple[float | None, float | None]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="KPIG vs the baselines on one stream.")
-    parser.add_argument("action", choices=("run", "report", "all"))
+    parser.add_argument("action", choices=("tune", "run", "report", "all"),
+                        help="tune: KPIG settings on validation data; run: every method and seed; report: "
+                             "the tables from the run directories; all: run, then report")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "study", help="run directories")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "study",
                         help="where report writes study.json, study.md and the plot")
@@ -162,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-probe", action="store_true", help="skip the misleading-constraint probe")
     parser.add_argument("extra", nargs="*", help="more options for every run, after --")
     args = parser.parse_args(argv)
+    if args.action == "tune":
+        return tune(args)
     if args.action in ("run", "all"):
         code = run(args)
         if code:

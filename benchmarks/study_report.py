@@ -51,7 +51,13 @@ def method_summary(reports: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def diagonal(reports: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def initial_row(report: dict[str, Any], init: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A run's before-training row: its own, else that of the ``init`` run of the same seed (runs
+    with ``eval_init: false`` leave it to that run: same model, same test sets)."""
+    return report["matrix"].get("initial") or (init or {}).get("matrix", {}).get("initial")
+
+
+def diagonal(reports: list[dict[str, Any]], inits: list[dict[str, Any] | None]) -> dict[str, dict[str, Any]]:
     """Per seen task: performance before training (init row) and right after its own stage."""
     result = {}
     matrix = reports[0]["matrix"]
@@ -59,25 +65,33 @@ def diagonal(reports: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         stage = matrix["task_stage"][task]
         own = [next((row["cells"].get(task, {}).get("performance") for row in r["matrix"]["rows"]
                      if row["stage"] == stage), None) for r in reports]
-        init = [((r["matrix"].get("initial") or {}).get("cells", {}).get(task) or {}).get("performance") for r in reports]
-        result[task] = {"stage": stage + 1, "init": _stats(init), "after_own_stage": _stats(own)}
+        before = [((initial_row(r, i) or {}).get("cells", {}).get(task) or {}).get("performance")
+                  for r, i in zip(reports, inits)]
+        result[task] = {"stage": stage + 1, "init": _stats(before), "after_own_stage": _stats(own)}
     return result
 
 
-def ig_curves(reports: list[dict[str, Any]]) -> dict[str, list]:
-    """Mean seen and held-out IG per evaluation row over seeds."""
-    labels = [row["label"] for row in ([reports[0]["matrix"]["initial"]] if reports[0]["matrix"].get("initial") else [])
-              + reports[0]["matrix"]["rows"]]
+def ig_curves(reports: list[dict[str, Any]], inits: list[dict[str, Any] | None]) -> dict[str, list]:
+    """Mean IG per evaluation row over seeds: of the seen tasks trained so far (all seen tasks
+    before training) and of the held-out tasks (None in rows that did not score them)."""
+    per_seed = []
+    for r, i in zip(reports, inits):
+        first = initial_row(r, i)
+        per_seed.append(([first] if first else []) + r["matrix"]["rows"])
+    labels = [row["label"] for row in per_seed[0]]
     curves = {"labels": labels}
-    for group in ("seen", "held_out"):
+    for group, name in (("trained", "seen"), ("held_out", "held_out")):
         series = []
         for index in range(len(labels)):
             values = []
-            for r in reports:
-                rows = ([r["matrix"]["initial"]] if r["matrix"].get("initial") else []) + r["matrix"]["rows"]
-                values.append(rows[index]["summary"].get(group, {}).get("ig") if index < len(rows) else None)
+            for rows in per_seed:
+                row = rows[index] if index < len(rows) else None
+                summary = (row or {}).get("summary", {})
+                if row is not None and row["stage"] is None:  # before training: every seen task
+                    summary = {**summary, "trained": summary.get("seen", {})}
+                values.append(summary.get(group, {}).get("ig"))
             series.append(_stats(values)["mean"])
-        curves[f"{group}_ig"] = series
+        curves[f"{name}_ig"] = series
     return curves
 
 
@@ -175,9 +189,9 @@ def plot_ig(curves: dict[str, dict[str, list]], path: Path) -> None:
         if method not in curves:
             continue
         c = curves[method]
-        for group, marker in (("seen", "o"), ("held_out", "s")):
+        for group, marker, name in (("seen", "o", "seen, trained so far"), ("held_out", "s", "held-out")):
             ax.plot(c["labels"], [math.nan if v is None else v for v in c[f"{group}_ig"]], style, marker=marker,
-                    label=f"{method}, {group.replace('_', '-')}")
+                    label=f"{method}, {name}")
     ax.set_ylabel("mean information gain")
     ax.set_title("IG over stages")
     ax.legend(fontsize=8)
@@ -191,19 +205,26 @@ def write_study_report(runs: dict[str, dict[int, Path]], out: Path, *, timings: 
     """Write ``study.json``, ``study.md`` and ``ig_over_stages.png`` into ``out``; return their paths."""
     out = Path(out)
     reports = {m: [read_report(d) for _, d in sorted(seeds.items())] for m, seeds in runs.items()}
+    init_runs = runs.get("init", {})
+    inits = {m: [read_report(init_runs[s]) if s in init_runs else None for s in sorted(seeds)]
+             for m, seeds in runs.items()}
     first = next(iter(runs.values()))[min(next(iter(runs.values())))]
     config = json.loads((first / "config.json").read_text())
     study: dict[str, Any] = {
         "runs": {m: {str(s): str(d) for s, d in seeds.items()} for m, seeds in runs.items()},
-        "sizes": {k: config["continual"].get(k) for k in ("model_name_or_path", "benchmark", "order", "max_stages",
-                                                          "max_held_out_tasks", "max_train_instances",
-                                                          "max_test_instances", "test_size")},
+        "sizes": {**{k: config["continual"].get(k) for k in ("model_name_or_path", "benchmark", "order", "max_stages",
+                                                             "max_held_out_tasks", "max_train_instances",
+                                                             "max_test_instances", "test_size", "test_sampling",
+                                                             "eval_tasks")},
+                  **{k: config["training"].get(k) for k in ("learning_rate", "num_train_epochs",
+                                                            "per_device_train_batch_size", "max_length", "alpha",
+                                                            "jsd_weight", "replay_tasks", "replay_instances")}},
         "stream": {"seen": reports[next(iter(reports))][0]["matrix"]["seen"],
                    "held_out": reports[next(iter(reports))][0]["matrix"]["held_out"]},
         "methods": {m: method_summary(r) for m, r in reports.items()},
-        "diagonal": {m: diagonal(reports[m]) for m in ("sft", "kpig") if m in reports},
+        "diagonal": {m: diagonal(reports[m], inits[m]) for m in ("sft", "kpig") if m in reports},
         "paired": paired_differences(runs, replicates),
-        "ig_curves": {m: ig_curves(reports[m]) for m in ("sft", "kpig") if m in reports},
+        "ig_curves": {m: ig_curves(reports[m], inits[m]) for m in ("sft", "kpig") if m in reports},
         "flips": {m: flip_counts(seeds) for m, seeds in runs.items() if m != "init"},
         "probe": probe_table(runs) if probe else {},
         "diagnostics": {m: kpig_diagnostics(seeds) for m, seeds in runs.items() if m.startswith("kpig")},

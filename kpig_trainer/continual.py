@@ -45,6 +45,9 @@ logger = logging.getLogger(__name__)
 
 _LOGGERS = ("kpig_trainer", "transformers")  # copied to logs/run.log
 _JUDGE_OPTIONS = ("judge_base_url", "judge_model", "judge_api_key_env", "judge_cache")  # see fingerprint()
+#: Options added after runs were made, with their defaults: at the default they leave the hash as it was.
+_LATER_OPTIONS = {"test_sampling": "balanced", "seen_tasks": None, "held_out_tasks": None, "eval_tasks": "all",
+                  "eval_init": True, "eval_split": "test", "validation_size": 10}
 
 def _rows(instances: list[Instance]) -> list[dict[str, Any]]:
     return [{"id": i.id, "task": i.task, "instruction": i.instruction, "input": i.input,
@@ -91,8 +94,9 @@ class ContinualRunner:
                     if k not in {"output_dir", "logging_dir", "logging_steps", "save_steps", "report_to",
                                  "disable_tqdm", "save_total_limit", "logging_first_step"}}
         continual = {k: v for k, v in dataclasses.asdict(self.args).items() if k not in _JUDGE_OPTIONS}
-        if continual["test_sampling"] == "balanced":  # the default: runs from before the option keep their hash
-            del continual["test_sampling"]
+        for name, default in _LATER_OPTIONS.items():  # at their defaults, runs from before them keep their hash
+            if continual[name] == default:
+                del continual[name]
         data = {"continual": continual, "training": training, "stages": [list(s.tasks) for s in self.stream.stages]}
         if self.args.judge_base_url:  # the judging model decides GPT scores; unset, the hash is as before
             data["judge"] = self.args.judge_model
@@ -184,7 +188,7 @@ class ContinualRunner:
         if self.training_args.process_index == 0:
             atomic_write_json(self.dir.config_path, {"continual": dataclasses.asdict(self.args),
                                                      "training": self.training_args.to_dict()})
-        if self.args.evaluate and "init" not in self.state.evaluation:
+        if self.args.evaluate and self.args.eval_init and "init" not in self.state.evaluation:
             with full_weights(self.model):
                 self.state.record_evaluation("init", self.evaluate_fn(self.model, self.tokenizer, self.stream, -1))
             self._save_state()
@@ -291,11 +295,12 @@ class ContinualRunner:
 
         if self.args.method in ("l2", "ewc"):
             self._update_anchor(trainer)
-        if self.args.evaluate:
+        row_stream = self.evaluation_stream(stage)
+        if self.args.evaluate and row_stream is not None:
             began = time.perf_counter()
             with full_weights(self.model):
                 self.state.record_evaluation(str(stage + 1),
-                                             self.evaluate_fn(self.model, self.tokenizer, self.stream, stage))
+                                             self.evaluate_fn(self.model, self.tokenizer, row_stream, stage))
             self.state.timings[f"stage_{stage + 1}_eval"] = time.perf_counter() - began
         with full_weights(self.model):  # ZeRO-3: every rank gathers, rank 0 saves
             if self.training_args.process_index == 0:
@@ -310,6 +315,18 @@ class ContinualRunner:
         if self.training_args.process_index == 0:
             self.dir.finish_stage(stage, self.args.keep_last_stages)
         self._barrier()
+
+    def evaluation_stream(self, stage: int) -> Stream | None:
+        """The stream whose test sets the row after ``stage`` scores (``eval_tasks``): all of it,
+        only the tasks trained so far, or None for no row."""
+        last = stage == len(self.stream.stages) - 1
+        if self.args.eval_tasks == "all" or last:
+            return self.stream
+        if self.args.eval_tasks == "final":
+            return None
+        trained = self.stream.seen_before(stage + 1)
+        return dataclasses.replace(self.stream, seen=trained, held_out=[],
+                                   test={t: self.stream.test[t] for t in trained})
 
     def generation_evaluation(self, model, tokenizer, stream: Stream, stage: int) -> dict[str, Any]:
         """Generate and score every seen and held-out task (one row of the matrix).

@@ -13,6 +13,7 @@ from .data import Stream, load_benchmark, load_tasks
 from .data.records import DataError
 
 METHODS = ("kpig", "sft", "lora", "l2", "ewc", "multi", "init")
+EVAL_TASKS = ("all", "trained", "final")
 
 
 @dataclass
@@ -33,6 +34,8 @@ class ContinualArguments:
     stage_order: str = field(default="given", metadata={"help": "Stage order: given, or shuffle (seeded)."})
     insta_target: str | None = field(default=None, metadata={"help": "INSTA task selection: train only on the insta_k seen tasks whose instructions are most similar to this task, which is held out."})
     insta_k: int = field(default=10, metadata={"help": "Number of tasks INSTA selects for insta_target."})
+    seen_tasks: list[str] | None = field(default=None, metadata={"help": "Train these tasks of the benchmark (or of --tasks), in this stage order, instead of its seen split."})
+    held_out_tasks: list[str] | None = field(default=None, metadata={"help": "Evaluate these tasks as held out instead of the benchmark's held-out split."})
     max_stages: int | None = field(default=None, metadata={"help": "Train only the first this many stages."})
     max_held_out_tasks: int | None = field(default=None, metadata={"help": "Evaluate only the first this many held-out tasks."})
     max_train_instances: int | None = field(default=None, metadata={"help": "Cap of train instances per task (default: the benchmark's)."})
@@ -55,6 +58,10 @@ class ContinualArguments:
     keep_last_stages: int = field(default=2, metadata={"help": "Stage checkpoints to keep (0: keep all)."})
     evaluate: bool = field(default=True, metadata={"help": "Evaluate every seen and held-out task after each stage."})
     evaluation: str = field(default="generate", metadata={"help": "generate: answers scored with P-score / V-score (the continual-learning matrix and report); loss: test-split cross entropy only (fast)."})
+    eval_tasks: str = field(default="all", metadata={"help": "Which tasks each evaluation row scores. all: every seen and held-out task after every stage (needed for forward transfer); trained: after the intermediate stages only the tasks trained so far, with every task before training and after the last stage (enough for average performance, BWT and forgetting, and much cheaper on a long stream); final: every task, after the last stage only."})
+    eval_init: bool = field(default=True, metadata={"help": "Evaluate the model before training (the matrix's init row: forward transfer and the 'before' of each task). A study that evaluates the base model once, in its own run of method init, can switch it off in the other runs."})
+    eval_split: str = field(default="test", metadata={"help": "What is evaluated. test: the test split. validation: validation_size instances carved from each seen task's training pool, beyond max_train_instances (the training set keeps its size; held-out tasks are not evaluated); for tuning hyperparameters without touching the test sets."})
+    validation_size: int = field(default=10, metadata={"help": "Validation instances per seen task with eval_split validation."})
     eval_ig: bool = field(default=True, metadata={"help": "Also measure the mean information gain of every task's test instances after each stage."})
     eval_batch_size: int = field(default=8, metadata={"help": "Batch size of evaluation."})
     held_out_demonstrations: int = field(default=2, metadata={"help": "Positive demonstrations in the prompt of held-out tasks (the paper: 2)."})
@@ -73,6 +80,12 @@ class ContinualArguments:
             self.replay_strategy = "kpig" if self.method == "kpig" else "none"
         if self.evaluation not in ("generate", "loss"):
             raise ValueError(f"evaluation must be 'generate' or 'loss', got {self.evaluation!r}")
+        if self.eval_tasks not in EVAL_TASKS:
+            raise ValueError(f"eval_tasks must be one of {EVAL_TASKS}, got {self.eval_tasks!r}")
+        if self.eval_split not in ("test", "validation"):
+            raise ValueError(f"eval_split must be 'test' or 'validation', got {self.eval_split!r}")
+        if self.eval_split == "validation" and self.validation_size < 1:
+            raise ValueError(f"validation_size must be >= 1 with eval_split validation, got {self.validation_size}")
         from .data.sampling import check_test_sampling
 
         check_test_sampling(self.test_sampling)
@@ -112,6 +125,18 @@ def load_stream(args: ContinualArguments, seed: int) -> Stream:
                               split.held_out if split else [])
     else:
         benchmark = load_benchmark(args.benchmark)
+    for option in ("seen_tasks", "held_out_tasks"):
+        names = getattr(args, option)
+        if names:
+            unknown = [n for n in names if n not in benchmark.tasks]
+            if unknown:
+                raise DataError(f"{option} names task(s) that benchmark {benchmark.name!r} does not have: {unknown}")
+            if args.insta_target:
+                raise DataError(f"{option} and insta_target both choose the stream's tasks; set one of them")
+    if args.seen_tasks:
+        options["seen"] = list(args.seen_tasks)
+    if args.held_out_tasks is not None:
+        options["held_out"] = list(args.held_out_tasks)
     if args.insta_target:
         from .selection import select_training_tasks
 
@@ -121,6 +146,13 @@ def load_stream(args: ContinualArguments, seed: int) -> Stream:
                                                 aggregate=args.similarity_aggregate)
         options["held_out"] = [args.insta_target]
     stream = benchmark.stream(**options)
+    if args.eval_split == "validation":
+        if args.max_train_instances is None:
+            raise DataError("eval_split validation needs max_train_instances: the validation instances are "
+                            "the next validation_size of each task's shuffled training pool beyond it")
+        # The same draw with a larger cap: its extra instances are the ones a run never trains on.
+        wider = benchmark.stream(**{**options, "max_train_instances": args.max_train_instances + args.validation_size})
+        stream = validation_stream(stream, wider, args.validation_size)
     if args.max_stages is not None:
         if args.max_stages < 1:
             raise DataError(f"max_stages must be >= 1, got {args.max_stages}")
@@ -139,3 +171,19 @@ def load_stream(args: ContinualArguments, seed: int) -> Stream:
 
         stream = dataclasses.replace(stream, stages=[Stage(0, "multi", tuple(stream.seen))])
     return stream
+
+
+def validation_stream(stream: Stream, wider: Stream, size: int) -> Stream:
+    """``stream`` with no held-out tasks and, as each seen task's evaluation set, the training
+    instances that ``wider`` (the same draw with ``size`` more training instances per task) has
+    and ``stream`` has not: hyperparameters are chosen on them, never on a test set."""
+    valid = {}
+    for name in stream.seen:
+        used = {i.id for i in stream.train[name]}
+        valid[name] = [i for i in wider.train[name] if i.id not in used]
+        if len(valid[name]) < size:
+            raise DataError(f"task {name!r} has {len(valid[name])} training instances beyond max_train_instances, "
+                            f"too few for validation_size={size}")
+    kept = {t: v for t, v in stream.tasks.items() if t not in set(stream.held_out)}
+    return dataclasses.replace(stream, test=valid, held_out=[], tasks=kept,
+                               settings={**stream.settings, "eval_split": "validation", "validation_size": size})

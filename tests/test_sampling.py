@@ -178,9 +178,11 @@ def test_run_fingerprint_covers_the_option(tmp_path, tmp_path_factory, monkeypat
         return ContinualRunner(args, KPIGConfig(output_dir=str(tmp_path / out), report_to=[], use_cpu=True, seed=0))
 
     default = runner("a")
-    # The hash of a run from before the option existed: every field but test_sampling.
-    fields = {k: v for k, v in dataclasses.asdict(default.args).items()
-              if k not in {"test_sampling", "judge_base_url", "judge_model", "judge_api_key_env", "judge_cache"}}
+    # The hash of a run from before the option existed: every field but test_sampling and those
+    # added after it (the judge's, the evaluation schedule's and the stream's task lists).
+    later = {"test_sampling", "judge_base_url", "judge_model", "judge_api_key_env", "judge_cache", "seen_tasks",
+             "held_out_tasks", "eval_tasks", "eval_init", "eval_split", "validation_size"}
+    fields = {k: v for k, v in dataclasses.asdict(default.args).items() if k not in later}
     training = {k: v for k, v in default.training_args.to_dict().items()
                 if k not in {"output_dir", "logging_dir", "logging_steps", "save_steps", "report_to", "disable_tqdm",
                              "save_total_limit", "logging_first_step"}}

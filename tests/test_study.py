@@ -65,3 +65,39 @@ def test_a_rerun_resumes_every_finished_run(study):
                              "--seeds", "0", "--out", str(study / "runs")], cwd=ROOT, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0 and result.stdout.count(": done") == 2
+
+
+
+def test_tuning_scores_every_setting_on_validation_data_only(tmp_path):
+    env = {"KPIG_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    result = subprocess.run([sys.executable, "benchmarks/study.py", "tune", "--quick", "--seeds", "0",
+                             "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "results")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=900, env={**__import__("os").environ, **env})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    tuning = json.loads((tmp_path / "results" / "tuning.json").read_text())
+    settings = tuning["settings"]
+    assert list(settings) == ["base", "alpha_0.6", "jsd_weight_0.1", "replay_instances_8"]
+    assert (settings["alpha_0.6"]["values"]["alpha"], settings["jsd_weight_0.1"]["values"]["jsd_weight"],
+            settings["replay_instances_8"]["values"]["replay_instances"]) == (0.6, 0.1, 8)
+    best = max(s["p_score"] for s in settings.values())
+    assert settings[tuning["chosen"]]["p_score"] == best
+    assert (tmp_path / "results" / "tuning.md").read_text().count("|") >= 7 * 6
+    for name in settings:
+        run = load_run(tmp_path / "runs-tune" / name / "seed0")
+        assert run.stream.held_out == [] and len(run.rows) == 1  # one row, after the last stage
+        # What was scored: validation instances, never a test instance, never a training one.
+        predictions = json.loads((run.root / "predictions" / "stage_02.json").read_text())
+        test_mode = load_run_stream_test_ids(run)
+        for task, answers in predictions.items():
+            ids = {a["id"] for a in answers}
+            assert len(ids) == 10 and not ids & test_mode[task]
+            assert not ids & {i.id for i in run.stream.train[task]}
+
+
+def load_run_stream_test_ids(run):
+    """The test instance ids of the same run's stream with eval_split test."""
+    from kpig_trainer.continual_config import ContinualArguments, load_stream
+
+    args = ContinualArguments(**{**run.config["continual"], "eval_split": "test"})
+    stream = load_stream(args, run.config["training"]["seed"])
+    return {t: {i.id for i in stream.test[t]} for t in stream.seen}
