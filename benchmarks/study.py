@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
+import os
 import subprocess
 import sys
 import time
@@ -89,6 +88,8 @@ def command(method: str, seed: int, args: argparse.Namespace, output_dir: Path |
            "--output_dir", str(output_dir or run_dir(args.out, method, seed)), "--seed", str(seed), *METHODS[method]]
     if args.pools and method.startswith("kpig") and method != "kpig_wo_div":
         cmd += ["--instruction_pools", args.pools]
+    if seed != args.seeds[0]:
+        cmd += ["--eval_ig", "false"]  # the IG-over-stages plot is of the first seed
     if args.quick:
         cmd += QUICK
     if args.model:
@@ -107,6 +108,8 @@ def _run_jobs(jobs: list[tuple[str, Path, list[str]]], timings_path: Path) -> in
     """Run each ``(name, run directory, command)`` not finished yet; record wall times by name."""
     timings_path.parent.mkdir(parents=True, exist_ok=True)
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    environment = {"command": " ".join(["benchmarks/study.py", *sys.argv[1:]]), **hardware()}
+    atomic_write_text(timings_path.with_name("environment.json"), json.dumps(environment, indent=2) + "\n")
     for n, (name, directory, cmd) in enumerate(jobs, start=1):
         if _finished(directory):
             print(f"[{n}/{len(jobs)}] {name}: done", flush=True)
@@ -124,6 +127,26 @@ def _run_jobs(jobs: list[tuple[str, Path, list[str]]], timings_path: Path) -> in
         atomic_write_text(timings_path, json.dumps(timings, indent=2) + "\n")
         print(f"    {time.perf_counter() - began:.0f} s", flush=True)
     return 0
+
+
+def hardware() -> dict[str, object]:
+    """Where the runs ran: CPU, cores, torch threads and accelerator."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "gpu": gpu,
+            "python": platform.python_version()}
 
 
 def tune_dir(args: argparse.Namespace, setting: str) -> Path:
@@ -193,18 +216,31 @@ def report(args: argparse.Namespace) -> int:
         return 1
     timings_path = args.out / "timings.json"
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
+    environment_path = args.out / "environment.json"
+    environment = json.loads(environment_path.read_text()) if environment_path.exists() else {}
     written = write_study_report(runs, args.results, timings=timings, probe=not args.no_probe,
-                                 replicates=args.replicates)
+                                 replicates=args.replicates, environment=environment)
+    if args.readme:
+        written.append(update_readme(args.readme, args.results / "study.json"))
     print("\n".join(str(p) for p in written))
     return 0
 
 
-def mean_spread(values: list[float]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation (None for fewer than two values) of the finite values."""
-    finite = [v for v in values if v is not None and not math.isnan(v)]
-    if not finite:
-        return None, None
-    return statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else None
+README_BEGIN = "<!-- study results: written by benchmarks/study.py report --readme; do not edit -->"
+README_END = "<!-- end of study results -->"
+
+
+def update_readme(readme: Path, study_json: Path) -> Path:
+    """Replace the block between the study markers of ``readme`` with the headline tables."""
+    from study_report import readme_block
+
+    text = readme.read_text(encoding="utf-8")
+    if README_BEGIN not in text or README_END not in text:
+        raise SystemExit(f"{readme}: no study block (the lines {README_BEGIN!r} and {README_END!r})")
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    block = readme_block(json.loads(study_json.read_text(encoding="utf-8")))
+    return atomic_write_text(readme, f"{head}{README_BEGIN}\n{block}\n{README_END}{tail}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny model, 2 stages: checks the script only")
     parser.add_argument("--replicates", type=int, default=2000, help="bootstrap replicates")
     parser.add_argument("--no-probe", action="store_true", help="skip the misleading-constraint probe")
+    parser.add_argument("--readme", type=Path, help="also write the headline tables into this README's study block")
     parser.add_argument("extra", nargs="*", help="more options for every run, after --")
     args = parser.parse_args(argv)
     if args.action == "tune":

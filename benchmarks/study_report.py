@@ -201,7 +201,8 @@ def plot_ig(curves: dict[str, dict[str, list]], path: Path) -> None:
 
 
 def write_study_report(runs: dict[str, dict[int, Path]], out: Path, *, timings: dict[str, float] | None = None,
-                       probe: bool = True, replicates: int = 2000) -> list[Path]:
+                       probe: bool = True, replicates: int = 2000,
+                       environment: dict[str, Any] | None = None) -> list[Path]:
     """Write ``study.json``, ``study.md`` and ``ig_over_stages.png`` into ``out``; return their paths."""
     out = Path(out)
     reports = {m: [read_report(d) for _, d in sorted(seeds.items())] for m, seeds in runs.items()}
@@ -229,6 +230,7 @@ def write_study_report(runs: dict[str, dict[int, Path]], out: Path, *, timings: 
         "probe": probe_table(runs) if probe else {},
         "diagnostics": {m: kpig_diagnostics(seeds) for m, seeds in runs.items() if m.startswith("kpig")},
         "timings": dict(timings or {}),
+        "environment": dict(environment or {}),
     }
     out.mkdir(parents=True, exist_ok=True)
     written = [atomic_write_text(out / "study.json", json.dumps(study, indent=2) + "\n")]
@@ -239,30 +241,64 @@ def write_study_report(runs: dict[str, dict[int, Path]], out: Path, *, timings: 
     return written
 
 
-def render_markdown(study: dict[str, Any]) -> str:
+LEGEND = ("Values are mean ± standard deviation over seeds (no ± with one seed). P: P-score, V: V-score "
+          "(lower is better), both 0-100, after the final stage. AP: average performance on the seen "
+          "tasks; BWT: backward transfer; F: forgetting.")
+
+
+def headline_lines(study: dict[str, Any], level: str = "##") -> list[str]:
+    """Table 1, the paired differences and Table 2, as markdown lines."""
     methods = study["methods"]
-    lines = ["# KPIG study", "", "Sizes: " + ", ".join(f"{k} {v}" for k, v in study["sizes"].items()) + ".",
-             f"Seen tasks (stage order): {', '.join(study['stream']['seen'])}.",
-             f"Held-out tasks: {', '.join(study['stream']['held_out'])}.", "",
-             "Values are mean ± standard deviation over seeds (no ± with one seed). P: P-score, V: V-score "
-             "(lower is better), both 0-100, after the final stage. AP: average performance on the seen "
-             "tasks; BWT: backward transfer; F: forgetting.", "", "## Table 1 layout", ""]
+    lines = [f"{level} Table 1 layout", ""]
     header = ["Method", "Seeds", "Seen P", "Seen V", "Held-out P", "Held-out V", "AP", "BWT", "F"]
     rows = [[m, str(methods[m]["seen_p_score"]["n"]), *(_fmt(methods[m][f"{g}_{k}"]) for g, k in GROUPS),
              _fmt(methods[m]["average_performance"]), _fmt(methods[m]["bwt"]), _fmt(methods[m]["forgetting"])]
             for m in TABLE1 if m in methods]
     lines += _table(header, rows)
     if study["paired"]:
-        lines += ["## Paired differences (final stage, bootstrap 95% interval over test instances)", ""]
+        lines += [f"{level} Paired differences (final stage, bootstrap 95% interval over test instances)", ""]
         lines += _table(["Difference", "Group", "Score", "Seeds", "Value", "95% interval"], [
             [f"{p['a']} − {p['b']}", p["group"].replace("_", "-"), p["score"], str(len(p["seeds"])),
              f"{p['difference']:.1f}", "-" if p["low"] is None else f"[{p['low']:.1f}, {p['high']:.1f}]"]
             for p in study["paired"]])
     ablations = [m for m in TABLE2 if m in methods]
     if ablations:
-        lines += ["## Table 2 layout (ablations)", ""]
+        lines += [f"{level} Table 2 layout (ablations)", ""]
         lines += _table(["Method", "Seen P", "Seen V", "Held-out P", "Held-out V"],
                         [[m, *(_fmt(methods[m][f"{g}_{k}"]) for g, k in GROUPS)] for m in ablations])
+    return lines
+
+
+def environment_lines(study: dict[str, Any]) -> list[str]:
+    """The command, the machine and the wall time."""
+    env, timings = study.get("environment") or {}, study["timings"]
+    lines = []
+    if env.get("command"):
+        lines += [f"Command: `python {env['command']}`, then `python benchmarks/study.py report`.", ""]
+    if env.get("cpu"):
+        lines += [f"Hardware: {env['cpu']}, {env['cores']} cores ({env['torch_threads']} torch threads), "
+                  f"GPU: {env['gpu'] or 'none'}; torch {env['torch']}, Python {env['python']}.", ""]
+    if timings:
+        total = sum(timings.values())
+        lines += [f"Wall time of the runs: {total / 60:.1f} min in all "
+                  f"({', '.join(f'{k} {v / 60:.1f}' for k, v in timings.items())} min).", ""]
+    return lines
+
+
+def readme_block(study: dict[str, Any]) -> str:
+    """The README's study block: sizes, the machine and time, and the headline tables."""
+    lines = ["", "Sizes: " + ", ".join(f"{k} {v}" for k, v in study["sizes"].items()) + ".", "",
+             *environment_lines(study), LEGEND, "", *headline_lines(study, level="####"),
+             "The per-task diagonal, per-example forgetting, the misleading-constraint probe, what the KPIG terms "
+             "did and the IG plot: [benchmarks/results/study/study.md](benchmarks/results/study/study.md).", ""]
+    return "\n".join(lines)
+
+
+def render_markdown(study: dict[str, Any]) -> str:
+    lines = ["# KPIG study", "", "Sizes: " + ", ".join(f"{k} {v}" for k, v in study["sizes"].items()) + ".",
+             f"Seen tasks (stage order): {', '.join(study['stream']['seen'])}.",
+             f"Held-out tasks: {', '.join(study['stream']['held_out'])}.", "", LEGEND, "",
+             *headline_lines(study)]
     for method, tasks in study["diagonal"].items():
         lines += [f"## Does {method} learn each task? (performance before training and right after its stage)", ""]
         lines += _table(["Task", "Stage", "Before", "After its stage"],
@@ -296,8 +332,6 @@ def render_markdown(study: dict[str, Any]) -> str:
                     f"{t} ({r['scores'][t]:.4f})" if t in r["scores"] else t for t in r["tasks"]) for r in d["replay"]]
                 lines += [""]
     if study["ig_curves"]:
-        lines += ["## IG over stages", "", "![IG over stages, SFT vs KPIG](ig_over_stages.png)", ""]
-    if study["timings"]:
-        total = sum(study["timings"].values())
-        lines += [f"Wall time of the runs: {total / 60:.1f} min in all.", ""]
+        lines += ["## IG over stages (first seed)", "", "![IG over stages, SFT vs KPIG](ig_over_stages.png)", ""]
+    lines += environment_lines(study)
     return "\n".join(lines)

@@ -11,6 +11,9 @@ from kpig_trainer.evaluation.report import read_report
 from kpig_trainer.evaluation.runs import instance_scores, load_run, p_score_of
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from study import README_BEGIN, README_END  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -18,11 +21,13 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     folder = tmp_path_factory.mktemp("study")
+    (folder / "README.md").write_text(f"# Title\n\n## Results\n\nOur words.\n\n{README_BEGIN}\nold numbers\n"
+                                      f"{README_END}\n\n## Next section\n")
     env = {"KPIG_CACHE": str(folder / "cache"), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     result = subprocess.run([sys.executable, "benchmarks/study.py", "all", "--quick", "--methods", "sft", "kpig",
                              "--seeds", "0", "--out", str(folder / "runs"), "--results", str(folder / "results"),
-                             "--replicates", "100"], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                            env={**__import__("os").environ, **env})
+                             "--replicates", "100", "--readme", str(folder / "README.md")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=900, env={**__import__("os").environ, **env})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return folder
 
@@ -47,6 +52,20 @@ def test_study_writes_every_table_from_the_run_directories(study):
     assert diagnostics["steps"] > 0 and 1.0 <= diagnostics["temperature"]["min"] <= diagnostics["temperature"]["max"]
     assert 0.0 <= diagnostics["jsd_share"]["min"] and "What the KPIG terms did" in markdown
     assert set(data["probe"]["lowercase_labels"]["methods"]) == {"sft", "kpig"}
+
+
+def test_the_readme_block_is_rewritten_from_the_results(study):
+    readme = (study / "README.md").read_text()
+    before, block, after = readme.split(README_BEGIN)[0], readme.split(README_BEGIN)[1].split(README_END)[0], \
+        readme.split(README_END)[1]
+    assert before.endswith("Our words.\n\n") and after == "\n\n## Next section\n"  # only the block changes
+    assert "old numbers" not in block and "#### Table 1 layout" in block and "kpig − sft" in block
+    data = json.loads((study / "results" / "study.json").read_text())
+    kpig_seen_p = data["methods"]["kpig"]["seen_p_score"]["mean"]
+    assert f"| kpig | 1 | {kpig_seen_p:.1f} |" in block
+    environment = data["environment"]
+    assert environment["command"].startswith("benchmarks/study.py all") and environment["cores"] >= 1
+    assert f"{environment['cores']} cores" in block and "Wall time of the runs" in block
 
 
 def test_instance_scores_reproduce_the_runs_own_p_scores(study):
