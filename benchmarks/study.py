@@ -118,13 +118,15 @@ def _run_jobs(jobs: list[tuple[str, Path, list[str]]], timings_path: Path) -> in
         began = time.perf_counter()
         directory.mkdir(parents=True, exist_ok=True)
         log_path = directory.parent / f"{directory.name}.log"
-        with open(log_path, "a", encoding="utf-8") as log:
-            code = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+        try:
+            with open(log_path, "a", encoding="utf-8") as log:
+                code = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+        finally:  # a stopped run resumes later: its time so far counts too
+            timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - began, 1)
+            atomic_write_text(timings_path, json.dumps(timings, indent=2) + "\n")
         if code != 0:
             print(f"    failed (exit {code}); see {log_path}", flush=True)
             return code
-        timings[name] = round(timings.get(name, 0.0) + time.perf_counter() - began, 1)  # resumed: summed
-        atomic_write_text(timings_path, json.dumps(timings, indent=2) + "\n")
         print(f"    {time.perf_counter() - began:.0f} s", flush=True)
     return 0
 

@@ -80,8 +80,8 @@ class KPIGConfig(TrainingArguments):
             the JSD twin of every training instance are computed once and memory-mapped from
             ``teacher_cache_dir`` (appendix B: only the current model stays in memory). The JSD
             is then taken on the renormalised top-k support, an approximation: the mass outside
-            the top k is dropped (measured 2-8% low at k = 64 on random Zipf-like logits, see
-            ``kpig_trainer.losses.kpig_jsd_topk``).
+            the top k is dropped (see ``kpig_trainer.losses.kpig_jsd_topk``; its error is measured
+            in ``tests/test_losses.py``).
         teacher_topk (`int`, *optional*, defaults to `64`):
             Number of vocabulary entries kept per response token in the ``"cached"`` mode.
         teacher_cache_dir (`str` or `None`, *optional*, defaults to `None`):
@@ -108,9 +108,8 @@ class KPIGConfig(TrainingArguments):
             not with DeepSpeed). ``"auto"``: ``"fused"`` on accelerators (CUDA, XPU, MPS, ...),
             where one batch of ``2B`` rows uses the device better; ``"sequential"`` on CPU, where
             compute grows with the padded tokens (fusing pads the shorter masked twin) and the
-            masked twin's activations, kept alive next to the full twin's, add 13-14% of an SFT
-            step's peak memory (SmolLM2-135M, ``benchmarks/step_cost.py``); ``"fused"`` under
-            DeepSpeed. The loss and its gradient are the same in every case.
+            masked twin's activations stay alive next to the full twin's (time and memory of
+            each choice: ``benchmarks/README.md``); ``"fused"`` under DeepSpeed. The loss and its gradient are the same in every case.
         response_logits_only (`bool`, *optional*, defaults to `True`):
             Ask the model for logits at the response positions only (``logits_to_keep``, the
             span from the first to the last response token of the batch) instead of all

@@ -64,9 +64,7 @@ class KPIGTrainer(Trainer):
     when off), ``ig`` and ``temperature`` (when computed, see ``always_log_info_gain``), exact
     means over the window: per response token for ``ce`` and ``jsd``, per instance for the rest.
 
-    Cost (``benchmarks/step_cost.py``, SmolLM2-135M on 2 CPU threads, batch 4 x ~141 tokens): a
-    step is 1.00-1.01x the sum of the passes it cannot avoid in every mode, 1.5x (``cached``) to
-    1.8x (``copy``, ``adapter``) an SFT step.
+    What a step costs against SFT, per mode: ``benchmarks/README.md`` (``step_cost.py``).
     """
 
     _tag_names = ["kpig", "continual-learning"]

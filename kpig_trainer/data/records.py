@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Mapping, Sequence
 
+from ..answers import normalize_answer
+
 logger = logging.getLogger(__name__)
 
 METRICS = ("ACC", "F1", "ROUGE", "BLEU", "Match", "GPT")
@@ -92,8 +94,6 @@ class Constraints:
     @cached_property
     def label_set(self) -> frozenset[str]:
         """The labels after :func:`kpig_trainer.evaluation.normalize_answer`."""
-        from ..evaluation.metrics import normalize_answer
-
         return frozenset(map(normalize_answer, self.labels))
 
     def to_dict(self) -> dict[str, Any]:
