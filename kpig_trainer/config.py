@@ -22,6 +22,26 @@ TWIN_PASSES = ("auto", "fused", "separate", "sequential")
 __all__ = ["KPIGConfig", "PREVIOUS_MODEL_MODES", "IG_SOURCES", "JSD_TWINS", "TWIN_PASSES"]
 
 
+class _TeacherModes:
+    """The teacher modes registered when asked (the command line checks membership and lists
+    them), so a mode added with ``register_teacher_mode`` is a valid ``previous_model``."""
+
+    @staticmethod
+    def _modes() -> tuple[str, ...]:
+        from kpig_trainer.teacher import teacher_modes
+
+        return teacher_modes()
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._modes()
+
+    def __iter__(self):
+        return iter(self._modes())
+
+    def __len__(self) -> int:
+        return len(self._modes())
+
+
 @dataclass
 class KPIGConfig(TrainingArguments):
     r"""Configuration class for :class:`~kpig_trainer.trainer.KPIGTrainer`.
@@ -199,8 +219,9 @@ class KPIGConfig(TrainingArguments):
         default="copy",
         metadata={
             "help": "How the frozen previous-stage model is kept: 'copy' (frozen deep copy), "
-            "'adapter' (frozen copy of the PEFT adapter) or 'cached' (top-k log-probs on disk).",
-            "choices": list(PREVIOUS_MODEL_MODES),
+            "'adapter' (frozen copy of the PEFT adapter), 'cached' (top-k log-probs on disk), or a "
+            "mode added with kpig_trainer.teacher.register_teacher_mode.",
+            "choices": _TeacherModes(),
         },
     )
     teacher_topk: int = field(
@@ -290,7 +311,7 @@ class KPIGConfig(TrainingArguments):
         choice("twin_passes", TWIN_PASSES)
         choice("jsd_on", JSD_TWINS)
         choice("ig_source", IG_SOURCES)
-        choice("previous_model", PREVIOUS_MODEL_MODES)
+        choice("previous_model", tuple(_TeacherModes()))
         whole("teacher_topk", 1)
         whole("replay_tasks", 0)
         whole("replay_instances", 0)

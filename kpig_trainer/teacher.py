@@ -21,6 +21,11 @@ The twins' forward passes are in :mod:`kpig_trainer.twins`, the cache's store in
 Lifecycle: :meth:`PreviousModel.snapshot` takes the current weights as the previous model. The
 trainer calls it in its constructor (``"cached"``: when ``train()`` starts, before any update)
 and the stage loop calls ``KPIGTrainer.snapshot_previous_model()`` at each stage boundary.
+
+A teacher sees its trainer only through a :class:`TeacherContext` (the accelerator, the config,
+the twins' forward function, the model being trained and the training data), so each mode runs
+and is tested without a ``Trainer``. Modes are registered by name
+(:func:`register_teacher_mode`); ``KPIGConfig.previous_model`` picks one.
 """
 
 from __future__ import annotations
@@ -31,17 +36,13 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import torch
 
 from kpig_trainer.info_gain import information_gain_from_logits
 from kpig_trainer.models import is_zero3_partitioned
 from kpig_trainer.teacher_cache import TeacherCache, build_teacher_cache
+from kpig_trainer.teacher_context import TeacherContext
 from kpig_trainer.twins import TwinBatch
-
-if TYPE_CHECKING:
-    from kpig_trainer.trainer import KPIGTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -50,13 +51,33 @@ PREVIOUS_ADAPTER = "kpig_previous"
 
 __all__ = [
     "PREVIOUS_ADAPTER",
+    "TeacherContext",
     "TeacherTargets",
     "PreviousModel",
     "FrozenCopy",
     "AdapterSnapshot",
     "CachedTeacher",
     "make_previous_model",
+    "register_teacher_mode",
+    "teacher_modes",
 ]
+
+_MODES: dict[str, type] = {}
+
+
+def register_teacher_mode(cls: type) -> type:
+    """Register a :class:`PreviousModel` subclass under its ``mode`` (usable as a decorator);
+    ``KPIGConfig.previous_model`` can then name it. Re-registering a name replaces it."""
+    if not (isinstance(cls, type) and issubclass(cls, PreviousModel)) or not cls.mode:
+        raise TypeError(f"a teacher mode is a PreviousModel subclass with a non-empty `mode`, got {cls!r}")
+    _MODES[cls.mode] = cls
+    return cls
+
+
+def teacher_modes() -> tuple[str, ...]:
+    """The registered teacher modes (the built-in ``copy``, ``adapter``, ``cached`` and any
+    registered with :func:`register_teacher_mode`)."""
+    return tuple(_MODES)
 
 
 @dataclass
@@ -76,8 +97,8 @@ class PreviousModel:
 
     mode: str = ""
 
-    def __init__(self, trainer: KPIGTrainer):
-        self.trainer = trainer
+    def __init__(self, context: TeacherContext):
+        self.context = context
 
     @property
     def ready(self) -> bool:
@@ -103,26 +124,27 @@ class PreviousModel:
 
     # Shared by the two exact modes.
     def _exact_targets(self, teacher, batch: TwinBatch, jsd_twin: str, with_info_gain: bool):
-        args = self.trainer.args
+        context = self.context
         names = ["full", "masked"] if with_info_gain else [jsd_twin]
-        with torch.no_grad(), self.trainer.accelerator.autocast():
-            logits = dict(zip(names, self.trainer._forward(teacher, [batch.twin(name) for name in names])))
+        with torch.no_grad(), context.accelerator.autocast():
+            logits = dict(zip(names, context.forward(teacher, [batch.twin(name) for name in names])))
         info_gain = None
         if with_info_gain:
             info_gain = information_gain_from_logits(
                 logits["full"], batch.full.frame_labels, logits["masked"], batch.masked.frame_labels,
-                args.alpha, check_twins=False,
+                context.args.alpha, check_twins=False,
             )
         return TeacherTargets(logits=logits[jsd_twin], info_gain=info_gain)
 
 
+@register_teacher_mode
 class FrozenCopy(PreviousModel):
     """``"copy"``: a frozen deep copy of the model, in eval mode."""
 
     mode = "copy"
 
-    def __init__(self, trainer: KPIGTrainer):
-        super().__init__(trainer)
+    def __init__(self, context: TeacherContext):
+        super().__init__(context)
         self.model: torch.nn.Module | None = None
 
     @property
@@ -130,8 +152,8 @@ class FrozenCopy(PreviousModel):
         return self.model is not None
 
     def snapshot(self) -> None:
-        accelerator = self.trainer.accelerator
-        source = accelerator.unwrap_model(self.trainer.model)
+        accelerator = self.context.accelerator
+        source = accelerator.unwrap_model(self.context.model())
         if self.model is not None:  # later stages: overwrite the weights in place
             copy_weights(source, accelerator.unwrap_model(self.model))
             return
@@ -149,7 +171,7 @@ class FrozenCopy(PreviousModel):
             teacher = copy.deepcopy(source)
         teacher.requires_grad_(False)
         teacher.eval()
-        if self.trainer.is_deepspeed_enabled:
+        if self.context.deepspeed:
             from trl.models import prepare_deepspeed  # ZeRO-3 shards the copy too
 
             self.model = prepare_deepspeed(teacher, accelerator)
@@ -193,17 +215,18 @@ def copy_weights(source: torch.nn.Module, target: torch.nn.Module) -> None:
             buffers[name].copy_(buffer)
 
 
+@register_teacher_mode
 class AdapterSnapshot(PreviousModel):
     """``"adapter"``: the previous weights live in a second, frozen PEFT adapter."""
 
     mode = "adapter"
 
-    def __init__(self, trainer: KPIGTrainer):
+    def __init__(self, context: TeacherContext):
         from peft import PeftModel
 
-        super().__init__(trainer)
+        super().__init__(context)
         # The PeftModel itself: a DDP / DeepSpeed wrapper added later wraps this same object.
-        self.model = trainer.accelerator.unwrap_model(trainer.model)
+        self.model = context.accelerator.unwrap_model(context.model())
         if not isinstance(self.model, PeftModel):
             raise ValueError(
                 "previous_model='adapter' needs a PEFT model: pass peft_config= to KPIGTrainer or a "
@@ -273,13 +296,14 @@ def _in_adapter(param_name: str, adapter: str) -> bool:
     return f".{adapter}." in param_name or param_name.endswith(f".{adapter}")
 
 
+@register_teacher_mode
 class CachedTeacher(PreviousModel):
     """``"cached"``: top-k log-probs of the previous model, computed once, memory-mapped."""
 
     mode = "cached"
 
-    def __init__(self, trainer: KPIGTrainer):
-        super().__init__(trainer)
+    def __init__(self, context: TeacherContext):
+        super().__init__(context)
         self.cache: TeacherCache | None = None
 
     @property
@@ -288,7 +312,7 @@ class CachedTeacher(PreviousModel):
 
     @property
     def directory(self) -> Path:
-        args = self.trainer.args
+        args = self.context.args
         return Path(args.teacher_cache_dir or os.path.join(args.output_dir or ".", "kpig_teacher_cache"))
 
     def prepare(self) -> None:
@@ -297,7 +321,7 @@ class CachedTeacher(PreviousModel):
 
     def snapshot(self) -> None:
         self.release()
-        self.cache = build_teacher_cache(self.trainer, self.directory)
+        self.cache = build_teacher_cache(self.context, self.directory)
 
     def targets(self, batch, jsd_twin, with_info_gain, strict=True):
         if batch.ids is None:
@@ -316,6 +340,9 @@ class CachedTeacher(PreviousModel):
         self.cache = None
 
 
-def make_previous_model(mode: str, trainer: KPIGTrainer) -> PreviousModel:
-    classes = {cls.mode: cls for cls in (FrozenCopy, AdapterSnapshot, CachedTeacher)}
-    return classes[mode](trainer)
+def make_previous_model(mode: str, context: TeacherContext) -> PreviousModel:
+    """The teacher of ``mode`` (a registered name) over ``context``."""
+    if mode not in _MODES:
+        raise ValueError(f"previous_model={mode!r} is not a teacher mode; registered: {', '.join(_MODES)} "
+                         "(add one with kpig_trainer.teacher.register_teacher_mode)")
+    return _MODES[mode](context)

@@ -26,7 +26,7 @@ from kpig_trainer.models import full_weights
 from kpig_trainer.twins import TwinBatch
 
 if TYPE_CHECKING:
-    from kpig_trainer.trainer import KPIGTrainer
+    from kpig_trainer.teacher_context import TeacherContext
 
 logger = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ class _CacheWriter:
         atomic_write_text(f"{self.stem}.index.json", json.dumps({"meta": self.meta, "entries": self.entries}))
 
 
-def build_teacher_cache(trainer: KPIGTrainer, directory: Path) -> TeacherCache:
+def build_teacher_cache(context: TeacherContext, directory: Path) -> TeacherCache:
     """Run the current model over the train dataset's JSD twins once and store the cache.
 
     Each rank scores the instances ``rank, rank + world, ...`` (no grad, eval mode, batches of
@@ -180,8 +180,8 @@ def build_teacher_cache(trainer: KPIGTrainer, directory: Path) -> TeacherCache:
     from torch.utils.data import DataLoader, IterableDataset, Subset
     from tqdm.auto import tqdm
 
-    args, accelerator = trainer.args, trainer.accelerator
-    dataset = trainer.train_dataset
+    args, accelerator = context.args, context.accelerator
+    dataset = context.train_dataset()
     if dataset is None:
         raise ValueError("previous_model='cached' needs a train_dataset to build the teacher cache from")
     if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
@@ -193,28 +193,28 @@ def build_teacher_cache(trainer: KPIGTrainer, directory: Path) -> TeacherCache:
     loader = DataLoader(
         Subset(dataset, range(rank, len(dataset), world)),
         batch_size=args.per_device_eval_batch_size,
-        collate_fn=trainer.data_collator,
+        collate_fn=context.data_collator(),
         shuffle=False,
         num_workers=args.dataloader_num_workers,
     )
     meta = {"k": args.teacher_topk, "twin": jsd_twin, "alpha": args.alpha, "has_info_gain": with_info_gain}
     writer = _CacheWriter(directory, rank, meta)
-    model = accelerator.unwrap_model(trainer.model)
+    model = accelerator.unwrap_model(context.model())
     was_training = model.training
     model.eval()
     progress = tqdm(
-        loader, desc="KPIG teacher cache", disable=args.disable_tqdm or not trainer.is_local_process_zero()
+        loader, desc="KPIG teacher cache", disable=args.disable_tqdm or not context.show_progress
     )
     try:
         # ZeRO-3: the weights are gathered for the build (a full copy on every rank, freed
         # afterwards), so the ranks need not run their forwards in lockstep.
         with full_weights(model), torch.no_grad(), accelerator.autocast():
             for inputs in progress:
-                inputs = trainer._prepare_inputs(inputs)
+                inputs = context.prepare_inputs(inputs)
                 batch = TwinBatch.from_inputs(inputs, args.response_logits_only, "masked" in names)
                 if batch.ids is None:
                     raise KeyError("previous_model='cached' needs the instance ids in the batch (key 'ids')")
-                logits = dict(zip(names, trainer._forward(model, [batch.twin(name) for name in names])))
+                logits = dict(zip(names, context.forward(model, [batch.twin(name) for name in names])))
                 twin = batch.twin(jsd_twin)
                 logprobs, indices = topk_teacher_cache(logits[jsd_twin], twin.frame_labels, args.teacher_topk)
                 info_gain = None

@@ -24,6 +24,7 @@ from kpig_trainer.config import KPIGConfig
 from kpig_trainer.info_gain import check_twin_labels, ig_temperature, info_score
 from kpig_trainer.losses import cross_entropy_loss, kpig_jsd, kpig_jsd_topk
 from kpig_trainer.teacher import PreviousModel, TeacherTargets, make_previous_model
+from kpig_trainer.teacher_context import TeacherContext
 from kpig_trainer.twins import TwinBatch, accepts_logits_to_keep, forward_twins
 
 logger = logging.getLogger(__name__)
@@ -138,10 +139,20 @@ class KPIGTrainer(Trainer):
         self._metric_sums: dict[str, torch.Tensor | None] = {"train": None, "eval": None}
         self._announced: set[str] = set()
         self._twins_checked = False
-        self._previous: PreviousModel = make_previous_model(self.args.previous_model, self)
+        self._previous: PreviousModel = make_previous_model(self.args.previous_model, self._teacher_context())
         self.use_previous_model = use_previous_model
         if use_previous_model and self.args.previous_model != "cached":
             self._previous.snapshot()
+
+    def _teacher_context(self) -> TeacherContext:
+        """This trainer as its teacher sees it (the model and data are read when needed: the
+        Trainer wraps the model later, and a stage loop may swap the training set)."""
+        return TeacherContext(
+            accelerator=self.accelerator, args=self.args, forward=self._forward, model=lambda: self.model,
+            train_dataset=lambda: self.train_dataset, data_collator=lambda: self.data_collator,
+            prepare_inputs=self._prepare_inputs, deepspeed=self.is_deepspeed_enabled,
+            show_progress=self.is_local_process_zero(),
+        )
 
     def _resolve_twin_passes(self) -> str:
         passes = self.args.twin_passes
