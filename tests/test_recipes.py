@@ -103,3 +103,17 @@ def test_the_demo_keeps_the_current_models_ig_and_no_pools():
     for path in [RECIPES / "demo.yaml", *sorted((RECIPES / "demo").glob("*.yaml"))]:
         args, training = parse_run_args(["--recipe", str(path)])
         assert (training.ig_source, args.instruction_pools) == ("current", None), path.name
+
+
+def test_the_tuned_kpig_values_are_the_defaults_of_the_small_model_recipes():
+    import json
+
+    tuning = json.loads((RECIPES.parent / "benchmarks" / "results" / "study" / "tuning.json").read_text())
+    chosen = tuning["settings"][tuning["chosen"]]["values"]
+    assert max(s["p_score"] for s in tuning["settings"].values()) == tuning["settings"][tuning["chosen"]]["p_score"]
+    for path in (RECIPES / "demo.yaml", RECIPES / "study" / "base.yaml", RECIPES / "superni_st_small" / "kpig.yaml"):
+        _, training = parse_run_args(["--recipe", str(path)])
+        values = {k: getattr(training, k) for k in ("alpha", "jsd_weight", "replay_tasks", "replay_instances")}
+        assert values == chosen, path
+    args, training = parse_run_args(["--recipe", str(RECIPES / "superni_st_small" / "kpig.yaml")])
+    assert (args.model_name_or_path, training.ig_source, args.instruction_pools) == ("smollm2", "previous", "benchmark")
