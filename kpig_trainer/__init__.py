@@ -41,6 +41,9 @@ _EXPORTS = {
     "register_replay_strategy": "kpig_trainer.replay",
     "ContinualArguments": "kpig_trainer.continual_config",
     "ContinualRunner": "kpig_trainer.continual",
+    "ContinualMethod": "kpig_trainer.methods",
+    "register_method": "kpig_trainer.methods",
+    "register_teacher_mode": "kpig_trainer.teacher",
     # evaluation, diversity, selection
     "evaluate_tasks": "kpig_trainer.evaluation.evaluate",
     "ContinualMatrix": "kpig_trainer.evaluation.matrix",

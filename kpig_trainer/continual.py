@@ -1,7 +1,8 @@
 """The continual run: for each stage, replay set, previous-model snapshot, training, evaluation,
 checkpoint. A stopped run resumes at the stage it was in (see :mod:`kpig_trainer.run_state`).
 
-Training methods (``ContinualArguments.method``), so the paper's baselines are runs of this code:
+Training methods (``ContinualArguments.method``, plug-ins of :mod:`kpig_trainer.methods`), so the
+paper's baselines are runs of this code:
 
 * ``kpig``: CE + lambda * JSD on the masked twin with the IG temperature (``KPIGTrainer``).
 * ``sft``: sequential fine-tuning, plain loss.
@@ -31,12 +32,11 @@ from .callbacks import LogRecordsCallback, ReplayCallback
 from .config import KPIGConfig
 from .continual_config import METHODS, ContinualArguments, load_stream
 from .data import Instance, Stream
-from .regularizers import ParameterAnchor, estimate_fisher, merge_fisher
-from .replay import ReplayChoice, ReplayRequest
 from .fileio import atomic_write_json
-from .models import full_weights, is_zero3_partitioned
+from .methods import ContinualMethod, RegularizedKPIGTrainer, get_method
+from .models import full_weights
+from .replay import ReplayChoice, ReplayRequest, ReplayStrategy
 from .run_state import RunDirectory, RunState
-from .trainer import KPIGTrainer
 
 __all__ = ["METHODS", "ContinualArguments", "ContinualRunner", "RegularizedKPIGTrainer", "load_stream",
            "loss_evaluation"]
@@ -64,11 +64,23 @@ class ContinualRunner:
             stage (``stage_index=-1``: before training); default: generation with P/V-scores
             (:meth:`generation_evaluation`), or :func:`loss_evaluation` with ``evaluation="loss"``.
         callbacks: extra ``TrainerCallback``s added to every stage's trainer.
+        method: a configured :class:`~kpig_trainer.methods.ContinualMethod` instance to use
+            instead of building ``args.method`` (its ``name`` must be ``args.method``).
+        replay_strategy: a configured :class:`~kpig_trainer.replay.ReplayStrategy` instance to use
+            instead of building ``args.replay_strategy`` (which is set to its ``name``).
     """
 
     def __init__(self, args: ContinualArguments, training_args: KPIGConfig,
-                 evaluate_fn: Callable[..., dict[str, Any]] | None = None, callbacks: list | None = None) -> None:
+                 evaluate_fn: Callable[..., dict[str, Any]] | None = None, callbacks: list | None = None,
+                 method: ContinualMethod | None = None, replay_strategy: ReplayStrategy | None = None) -> None:
+        if method is not None and method.name != args.method:
+            raise ValueError(f"the method object is {method.name!r} but args.method is {args.method!r}: "
+                             f"set ContinualArguments(method={method.name!r})")
+        if replay_strategy is not None:
+            args.replay_strategy = replay_strategy.name  # the record and the fingerprint name it
+            self._replay_strategy = replay_strategy
         self.args = args
+        self.method = get_method(method or args.method, args)
         self.training_args = training_args
         # TrainingArguments joins the process group lazily; until then process_index is 0 on
         # every rank, and every rank would write the run state.
@@ -84,7 +96,6 @@ class ContinualRunner:
         self.callbacks = list(callbacks or [])
         self.state = self._load_or_create_state()
         self.model = self.tokenizer = None
-        self.extra: dict[str, Any] = {}
 
     # -- state ---------------------------------------------------------------------------
 
@@ -137,14 +148,14 @@ class ContinualRunner:
         else:
             self.model, self.tokenizer = load_model_and_tokenizer(str(source or self.args.model_name_or_path),
                                                                   dtype=torch.float32)
-            if self.args.use_peft and self.args.method != "init":
+            if self.args.use_peft and self.method.trains:
                 from peft import LoraConfig, get_peft_model
 
                 self.model = get_peft_model(self.model, LoraConfig(
                     r=self.args.lora_r, lora_alpha=self.args.lora_alpha, lora_dropout=self.args.lora_dropout,
                     target_modules=self.args.lora_target_modules, task_type="CAUSAL_LM"))
         if done > 0 and self.dir.extra_path(done - 1).exists():
-            self.extra = torch.load(self.dir.extra_path(done - 1), weights_only=False)
+            self.method.load_state_dict(torch.load(self.dir.extra_path(done - 1), weights_only=False))
 
     def collator(self, with_masked: bool):
         from .data.collator import KPIGDataCollator
@@ -182,9 +193,7 @@ class ContinualRunner:
 
     def _run(self) -> RunState:
         self._load_model()
-        if self.args.method in ("l2", "ewc") and is_zero3_partitioned(self.model):
-            raise ValueError(f"method={self.args.method!r} needs the full weights on every process; it does not "
-                             "run under DeepSpeed ZeRO-3 (use ZeRO-2, DDP, or another method)")
+        self.method.check(self.model)
         if self.training_args.process_index == 0:
             atomic_write_json(self.dir.config_path, {"continual": dataclasses.asdict(self.args),
                                                      "training": self.training_args.to_dict()})
@@ -193,7 +202,7 @@ class ContinualRunner:
                 self.state.record_evaluation("init", self.evaluate_fn(self.model, self.tokenizer, self.stream, -1))
             self._save_state()
             self.write_report()
-        if self.args.method == "init":
+        if not self.method.trains:
             return self.state
         for stage in range(self.state.completed, len(self.stream.stages)):
             self._run_stage(stage)
@@ -271,7 +280,8 @@ class ContinualRunner:
         from datasets import Dataset
 
         start = time.perf_counter()
-        instances = self.stream.stage_instances(stage) + self._replay_instances(stage)
+        instances = self.method.stage_instances(self, stage,
+                                                self.stream.stage_instances(stage) + self._replay_instances(stage))
         logger.info("stage %d/%d (%s): %d instances", stage + 1, len(self.stream.stages),
                     self.stream.stages[stage].name, len(instances))
         args = dataclasses.replace(self.training_args, output_dir=str(self.dir.trainer_dir(stage)))
@@ -282,19 +292,17 @@ class ContinualRunner:
             lambda record: self.dir.append_log("train.jsonl", {"stage": stage + 1, **record})))
         if stage + 1 < len(self.stream.stages):
             callbacks.append(self._replay_callback(stage + 1))
-        trainer_cls = RegularizedKPIGTrainer if self.args.method in ("l2", "ewc") else KPIGTrainer
-        trainer = trainer_cls(model=self.model, args=args, train_dataset=Dataset.from_list(_rows(instances)),
-                              processing_class=self.tokenizer, data_collator=self.collator(self.args.uses_jsd),
-                              callbacks=callbacks, use_previous_model=self.args.uses_jsd)
-        if trainer_cls is RegularizedKPIGTrainer:
-            trainer.anchor = self.extra.get("anchor")
+        trainer = self.method.trainer_class()(
+            model=self.model, args=args, train_dataset=Dataset.from_list(_rows(instances)),
+            processing_class=self.tokenizer, data_collator=self.collator(self.args.uses_jsd), callbacks=callbacks,
+            use_previous_model=self.args.uses_jsd)
+        self.method.before_stage(self, stage, trainer)
         trainer.train(resume_from_checkpoint=self.dir.last_trainer_checkpoint(stage))
         trainer.release_previous_model()
         self.model = trainer.model
         self.state.timings[f"stage_{stage + 1}_train"] = time.perf_counter() - start
 
-        if self.args.method in ("l2", "ewc"):
-            self._update_anchor(trainer)
+        self.method.after_stage(self, stage, trainer)
         row_stream = self.evaluation_stream(stage)
         if self.args.evaluate and row_stream is not None:
             began = time.perf_counter()
@@ -306,8 +314,9 @@ class ContinualRunner:
             if self.training_args.process_index == 0:
                 self.dir.save_model(stage, self.model, self.tokenizer)
         if self.training_args.process_index == 0:
-            if self.extra:
-                torch.save(self.extra, self.dir.extra_path(stage))
+            carried = self.method.state_dict()
+            if carried:
+                torch.save(carried, self.dir.extra_path(stage))
         self._barrier()
         self.state.completed = stage + 1
         self._save_state()
@@ -374,35 +383,6 @@ class ContinualRunner:
                   "replay": self.state.replay}
         write_report(self.dir.root, matrix, config, final=last, name=f"{self.args.method} ({self.dir.root.name})",
                      timings=self.state.timings)
-
-    def _update_anchor(self, trainer: KPIGTrainer) -> None:
-        importance = None
-        if self.args.method == "ewc":
-            batches = trainer.get_train_dataloader()
-            fisher = estimate_fisher(self.model, batches, max_batches=self.args.fisher_batches)
-            importance = merge_fisher(self.extra.get("fisher"), fisher, self.args.ewc_decay)
-            self.extra["fisher"] = importance
-        self.extra["anchor"] = ParameterAnchor(self.model, self.args.regularization_weight, importance).state_dict()
-
-
-class RegularizedKPIGTrainer(KPIGTrainer):
-    """``KPIGTrainer`` plus an L2 / EWC anchor (``anchor``: a ParameterAnchor state dict or None)."""
-
-    anchor: dict[str, Any] | None = None
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        if self.anchor is None or not model.training:
-            return result
-        if not isinstance(self.anchor, ParameterAnchor):
-            self.anchor = ParameterAnchor.from_state_dict(self.anchor)
-        # compute_loss returns a loss already scaled for gradient accumulation; the penalty is
-        # added once per optimizer step, so each micro-batch carries its share.
-        penalty = self.anchor.penalty(self.accelerator.unwrap_model(model)) / self.args.gradient_accumulation_steps
-        if return_outputs:
-            loss, outputs = result
-            return loss + penalty, outputs
-        return result + penalty
 
 
 @torch.no_grad()

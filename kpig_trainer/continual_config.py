@@ -12,7 +12,7 @@ from typing import Any
 from .data import Stream, load_benchmark, load_tasks
 from .data.records import DataError
 
-METHODS = ("kpig", "sft", "lora", "l2", "ewc", "multi", "init")
+METHODS = ("kpig", "sft", "lora", "l2", "ewc", "multi", "init")  # built in; more with methods.register_method
 EVAL_TASKS = ("all", "trained", "final")
 
 
@@ -42,7 +42,7 @@ class ContinualArguments:
     max_test_instances: int | None = field(default=None, metadata={"help": "Cap of test instances per task (default: the benchmark's)."})
     test_size: float = field(default=0.2, metadata={"help": "Test instances per seen task: a fraction (<1) or a count (the paper: 100; a task too small for the count gives half its instances)."})
     test_sampling: str = field(default="balanced", metadata={"help": "How test instances are drawn: balanced (seeded, spread over labels) or self_bleu (spread over labels and diverse, low Self-BLEU, as the KPIG paper)."})
-    method: str = field(default="kpig", metadata={"help": f"Training method: one of {', '.join(METHODS)}."})
+    method: str = field(default="kpig", metadata={"help": f"Training method: one of {', '.join(METHODS)}, or one added with kpig_trainer.methods.register_method."})
     replay_strategy: str | None = field(default=None, metadata={"help": "Replay: kpig, random, entropy, all, none, ... (default: kpig for method kpig, else none)."})
     similarity_embedder: str | None = field(default=None, metadata={"help": "Embedder of the similarity replay strategies (default: embedded all-MiniLM-L6-v2; an aligned one from `kpig align-embedder`)."})
     similarity_aggregate: str = field(default="mean", metadata={"help": "similarity replay: mean or max over instruction variants."})
@@ -72,12 +72,11 @@ class ContinualArguments:
     judge_cache: str | None = field(default=None, metadata={"help": "JSONL file of judge verdicts, reused across runs (default: judge_cache.jsonl in the run directory)."})
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.method == "lora":
+        method = self.method_class  # raises for an unknown method, naming the registered ones
+        if method.uses_peft:
             self.use_peft = True
         if self.replay_strategy is None:
-            self.replay_strategy = "kpig" if self.method == "kpig" else "none"
+            self.replay_strategy = method.default_replay
         if self.evaluation not in ("generate", "loss"):
             raise ValueError(f"evaluation must be 'generate' or 'loss', got {self.evaluation!r}")
         if self.eval_tasks not in EVAL_TASKS:
@@ -103,8 +102,15 @@ class ContinualArguments:
             check_pools_option(self.instruction_pools, self.tasks)  # fail before any model loads
 
     @property
+    def method_class(self):
+        """The :class:`~kpig_trainer.methods.ContinualMethod` registered as ``method``."""
+        from .methods import method_class
+
+        return method_class(self.method)
+
+    @property
     def uses_jsd(self) -> bool:
-        return self.method == "kpig"
+        return self.method_class.uses_jsd
 
 
 def load_stream(args: ContinualArguments, seed: int) -> Stream:
@@ -166,11 +172,7 @@ def load_stream(args: ContinualArguments, seed: int) -> Stream:
         dropped = set(stream.held_out) - set(kept)
         stream = dataclasses.replace(stream, held_out=kept, test={t: v for t, v in stream.test.items() if t not in dropped},
                                      tasks={t: v for t, v in stream.tasks.items() if t not in dropped})
-    if args.method == "multi":
-        from .data import Stage
-
-        stream = dataclasses.replace(stream, stages=[Stage(0, "multi", tuple(stream.seen))])
-    return stream
+    return args.method_class(args).plan_stream(stream)
 
 
 def validation_stream(stream: Stream, wider: Stream, size: int) -> Stream:
