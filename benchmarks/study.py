@@ -62,8 +62,9 @@ TUNE_GRID: dict[str, list[str]] = {
     for name, change in {"base": {}, "alpha_0.6": {"--alpha": "0.6"}, "jsd_weight_0.1": {"--jsd_weight": "0.1"},
                          "replay_instances_8": {"--replay_instances": "8"}}.items()
 }
-TUNE_EVAL = ["--eval_split", "validation", "--validation_size", "10", "--eval_tasks", "final", "--eval_init", "false",
-             "--eval_ig", "false"]
+TUNE_VALIDATION_SIZE = 10  # instances per seen task
+TUNE_EVAL = ["--eval_split", "validation", "--validation_size", str(TUNE_VALIDATION_SIZE), "--eval_tasks", "final",
+             "--eval_init", "false", "--eval_ig", "false"]
 
 #: ``--quick``: the tiny model, 2 stages, 2 methods: a test of the script, not a result.
 QUICK = ["--model_name_or_path", "tiny-llama", "--max_stages", "2", "--max_held_out_tasks", "1",
@@ -167,32 +168,33 @@ def tune(args: argparse.Namespace) -> int:
         return code
     from kpig_trainer.evaluation.report import read_report
 
-    results = {}
+    results, n_tasks = {}, 0
     for name, options in TUNE_GRID.items():
         report = read_report(tune_dir(args, name))
+        n_tasks = report["summary"]["seen"]["n_tasks"]
         training = json.loads((tune_dir(args, name) / "config.json").read_text())["training"]
         results[name] = {"options": options, "p_score": report["summary"]["seen"]["p_score"],
                          "v_score": report["summary"]["seen"]["v_score"],
                          "values": {k: training[k] for k in ("alpha", "jsd_weight", "replay_tasks", "replay_instances")}}
     best = max(results, key=lambda n: (results[n]["p_score"], n == "base"))  # a tie keeps the base setting
-    summary = {"seed": seed, "validation_size": 10, "objective": "P-score of the seen tasks' validation instances "
+    summary = {"seed": seed, "validation_size": TUNE_VALIDATION_SIZE, "objective": "P-score of the seen tasks' validation instances "
                "after the last stage", "settings": results, "chosen": best}
     args.results.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.results / "tuning.json", json.dumps(summary, indent=2) + "\n")
     lines = ["# KPIG tuning on validation data", "",
              f"Each setting is one KPIG run of the study recipe (seed {seed}) that changes one value of the base "
-             "setting; it is scored on 10 validation instances per seen task, carved from the training pool "
-             "beyond the training cap (`eval_split: validation`), after the last stage. No test instance is used.",
+             f"setting; it is scored on {TUNE_VALIDATION_SIZE} validation instances per seen task, carved from the "
+             "training pool beyond the training cap (`eval_split: validation`), after the last stage. No test instance is used.",
              "", "| Setting | alpha | jsd_weight | M | N | Validation P | Validation V |", "|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         v = r["values"]
         v_score = "-" if r["v_score"] is None else f"{r['v_score']:.1f}"
         lines.append(f"| {name}{' (chosen)' if name == best else ''} | {v['alpha']} | {v['jsd_weight']} | "
                      f"{v['replay_tasks']} | {v['replay_instances']} | {r['p_score']:.1f} | {v_score} |")
-    instances = 10 * report["summary"]["seen"]["n_tasks"]
-    lines += ["", f"The validation P-score is a mean over {instances} instances (10 per task, each scored 0-1 or "
-              f"by overlap), so one instance answered differently moves it by up to {100 / instances:.1f} points "
-              "on a task-weighted mean; differences of that size are noise. A tie keeps the base setting."]
+    instances = TUNE_VALIDATION_SIZE * n_tasks
+    lines += ["", f"The validation P-score is a mean over {instances} instances ({TUNE_VALIDATION_SIZE} per task, "
+              "each scored 0-1 or by overlap), so one instance answered differently moves it by up to "
+              f"{100 / instances:.1f} points on a task-weighted mean; differences of that size are noise. A tie keeps the base setting."]
     atomic_write_text(args.results / "tuning.md", "\n".join(lines) + "\n")
     print(f"chosen: {best}; see {args.results / 'tuning.md'}")
     return 0

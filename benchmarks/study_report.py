@@ -206,9 +206,8 @@ def write_study_report(runs: dict[str, dict[int, Path]], out: Path, *, timings: 
     """Write ``study.json``, ``study.md`` and ``ig_over_stages.png`` into ``out``; return their paths."""
     out = Path(out)
     reports = {m: [read_report(d) for _, d in sorted(seeds.items())] for m, seeds in runs.items()}
-    init_runs = runs.get("init", {})
-    inits = {m: [read_report(init_runs[s]) if s in init_runs else None for s in sorted(seeds)]
-             for m, seeds in runs.items()}
+    init_by_seed = dict(zip(sorted(runs.get("init", {})), reports.get("init", [])))
+    inits = {m: [init_by_seed.get(s) for s in sorted(seeds)] for m, seeds in runs.items()}
     first = next(iter(runs.values()))[min(next(iter(runs.values())))]
     config = json.loads((first / "config.json").read_text())
     study: dict[str, Any] = {

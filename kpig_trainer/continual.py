@@ -45,9 +45,9 @@ logger = logging.getLogger(__name__)
 
 _LOGGERS = ("kpig_trainer", "transformers")  # copied to logs/run.log
 _JUDGE_OPTIONS = ("judge_base_url", "judge_model", "judge_api_key_env", "judge_cache")  # see fingerprint()
-#: Options added after runs were made, with their defaults: at the default they leave the hash as it was.
-_LATER_OPTIONS = {"test_sampling": "balanced", "seen_tasks": None, "held_out_tasks": None, "eval_tasks": "all",
-                  "eval_init": True, "eval_split": "test", "validation_size": 10}
+#: Options added after runs were made: at their defaults they leave the hash as it was.
+_LATER_OPTIONS = ("test_sampling", "seen_tasks", "held_out_tasks", "eval_tasks", "eval_init", "eval_split",
+                  "validation_size")
 
 def _rows(instances: list[Instance]) -> list[dict[str, Any]]:
     return [{"id": i.id, "task": i.task, "instruction": i.instruction, "input": i.input,
@@ -105,8 +105,8 @@ class ContinualRunner:
                     if k not in {"output_dir", "logging_dir", "logging_steps", "save_steps", "report_to",
                                  "disable_tqdm", "save_total_limit", "logging_first_step"}}
         continual = {k: v for k, v in dataclasses.asdict(self.args).items() if k not in _JUDGE_OPTIONS}
-        for name, default in _LATER_OPTIONS.items():  # at their defaults, runs from before them keep their hash
-            if continual[name] == default:
+        for name in _LATER_OPTIONS:  # at their defaults, runs from before them keep their hash
+            if continual[name] == ContinualArguments.__dataclass_fields__[name].default:
                 del continual[name]
         data = {"continual": continual, "training": training, "stages": [list(s.tasks) for s in self.stream.stages]}
         if self.args.judge_base_url:  # the judging model decides GPT scores; unset, the hash is as before

@@ -156,8 +156,6 @@ def corpus_bleu(predictions: Sequence[str], references_list: Sequence[Sequence[s
 # kpig_trainer.answers.
 
 
-
-
 def _canonical_item(item: Any) -> Any:
     """Normalise one item for comparison: nested lists become tuples (order kept inside),
     numbers compare by value ("1.0" == "1"), other text via ``normalize_answer``."""
