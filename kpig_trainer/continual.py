@@ -212,14 +212,9 @@ class ContinualRunner:
     def replay_strategy(self):
         """The replay strategy, built once (similarity strategies keep their embeddings)."""
         if getattr(self, "_replay_strategy", None) is None:
-            from .replay import get_replay_strategy
+            from .replay import replay_strategy_class
 
-            name = self.args.replay_strategy
-            kwargs = {}
-            if name in ("similarity", "kpig+similarity"):
-                kwargs = {"embedder": self.args.similarity_embedder, "aggregate": self.args.similarity_aggregate,
-                          "pools": self.instruction_pools}
-            self._replay_strategy = get_replay_strategy(name, **kwargs)
+            self._replay_strategy = replay_strategy_class(self.args.replay_strategy).from_run(self)
         return self._replay_strategy
 
     @functools.cached_property

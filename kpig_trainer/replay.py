@@ -184,6 +184,12 @@ class ReplayStrategy:
     name = ""
     needs_model = False
 
+    @classmethod
+    def from_run(cls, runner) -> ReplayStrategy:
+        """The strategy a continual run uses, with its options taken from the run's arguments
+        (``runner.args``) and state; the base class takes none."""
+        return cls()
+
     def select(self, request: ReplayRequest, scorer: ModelScorer | None = None) -> ReplayChoice:
         raise NotImplementedError
 
@@ -284,6 +290,12 @@ class SimilarityReplay(ReplayStrategy):
         self.embedder, self.aggregate, self.pools = embedder, aggregate, pools
         self._selector = None
 
+    @classmethod
+    def from_run(cls, runner) -> SimilarityReplay:
+        """``similarity_embedder`` and ``similarity_aggregate`` from the run, and its instruction pools."""
+        return cls(embedder=runner.args.similarity_embedder, aggregate=runner.args.similarity_aggregate,
+                   pools=runner.instruction_pools)
+
     def selector(self, request: ReplayRequest):
         from .selection import InstructionSelector
 
@@ -350,10 +362,14 @@ def register_replay_strategy(cls: type[ReplayStrategy]) -> type[ReplayStrategy]:
     return cls
 
 
-def get_replay_strategy(name: str, **kwargs: Any) -> ReplayStrategy:
-    """Instantiate the strategy registered as ``name``."""
+def replay_strategy_class(name: str) -> type[ReplayStrategy]:
+    """The strategy class registered as ``name``."""
     try:
-        cls = REPLAY_STRATEGIES[name]
+        return REPLAY_STRATEGIES[name]
     except KeyError:
         raise ValueError(f"unknown replay strategy {name!r}; choose one of {sorted(REPLAY_STRATEGIES)}") from None
-    return cls(**kwargs)
+
+
+def get_replay_strategy(name: str, **kwargs: Any) -> ReplayStrategy:
+    """Instantiate the strategy registered as ``name``."""
+    return replay_strategy_class(name)(**kwargs)
