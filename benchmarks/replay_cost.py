@@ -90,12 +90,13 @@ def measure(opts: argparse.Namespace) -> dict:
     import torch
     from datasets import Dataset
 
-    from kpig_trainer.config import KPIGConfig
+    from kpig_trainer.kpig.config import KPIGConfig
     from kpig_trainer.data import load_benchmark
-    from kpig_trainer.data.collator import KPIGDataCollator
-    from kpig_trainer.models import load_model_and_tokenizer, tiny_llama
-    from kpig_trainer.replay import ModelScorer, ReplayRequest, get_replay_strategy
-    from kpig_trainer.trainer import KPIGTrainer
+    from kpig_trainer.kpig.collator import KPIGDataCollator
+    from kpig_trainer.models import load_model_and_tokenizer
+    from kpig_trainer.testing import tiny_llama
+    from kpig_trainer.continual.replay import ModelScorer, ReplayRequest, get_replay_strategy
+    from kpig_trainer.kpig.trainer import KPIGTrainer
 
     torch.set_num_threads(opts.threads)
     torch.manual_seed(opts.seed)

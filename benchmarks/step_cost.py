@@ -71,7 +71,8 @@ TARGET_LENGTH = (130, 160)  # tokens of the full instance: batches of 4 x ~145
 def load(model_name: str):
     import torch
 
-    from kpig_trainer.models import load_model_and_tokenizer, tiny_llama
+    from kpig_trainer.models import load_model_and_tokenizer
+    from kpig_trainer.testing import tiny_llama
 
     if model_name == "tiny":
         model, tokenizer = tiny_llama(seed=0)
@@ -83,7 +84,7 @@ def load(model_name: str):
 def select_rows(tokenizer, count: int) -> list[dict]:
     """Demo-benchmark instances whose full prompt + response is ~145 tokens, mixed over tasks."""
     from kpig_trainer.data import load_benchmark
-    from kpig_trainer.data.collator import KPIGDataCollator
+    from kpig_trainer.kpig.collator import KPIGDataCollator
 
     bench = load_benchmark("demo")
     collator = KPIGDataCollator(tokenizer, max_length=None)
@@ -111,9 +112,9 @@ def lora_config():
 def build_trainer(name: str, model, tokenizer, rows, workdir: str, max_steps: int = 1):
     from transformers import Trainer, TrainingArguments
 
-    from kpig_trainer.config import KPIGConfig
-    from kpig_trainer.data.collator import KPIGDataCollator
-    from kpig_trainer.trainer import KPIGTrainer
+    from kpig_trainer.kpig.config import KPIGConfig
+    from kpig_trainer.kpig.collator import KPIGDataCollator
+    from kpig_trainer.kpig.trainer import KPIGTrainer
 
     spec = CONFIGS[name]
     common = dict(
@@ -149,8 +150,8 @@ def build_trainer(name: str, model, tokenizer, rows, workdir: str, max_steps: in
 def time_model(model_name: str, warmup: int, repeats: int, n_batches: int) -> dict:
     import torch
 
-    from kpig_trainer.losses import cross_entropy_loss
-    from kpig_trainer.twins import TwinBatch, forward_twins
+    from kpig_trainer.kpig.losses import cross_entropy_loss
+    from kpig_trainer.kpig.twins import TwinBatch, forward_twins
 
     base, tokenizer = load(model_name)
     rows = select_rows(tokenizer, BATCH_SIZE * n_batches)

@@ -12,10 +12,10 @@ again resumes where it stopped.
 import logging
 import sys
 
-from kpig_trainer.continual import ContinualRunner
+from kpig_trainer.continual.runner import ContinualRunner
 from kpig_trainer.distributed import end_distributed
 from kpig_trainer.recipes import parse_run_args
-from kpig_trainer.reporting import stage_table
+from kpig_trainer.continual.table import stage_table
 
 
 def main(argv=None) -> int:

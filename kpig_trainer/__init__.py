@@ -5,8 +5,7 @@ Public names are imported lazily, so ``import kpig_trainer`` stays cheap and the
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from kpig_trainer._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -24,52 +23,41 @@ _EXPORTS = {
     "load_superni_tasks": "kpig_trainer.data",
     "load_tasks": "kpig_trainer.data",
     "mask_key_parts": "kpig_trainer.data.masking",
-    "KPIGDataCollator": "kpig_trainer.data.collator",
+    "KPIGDataCollator": "kpig_trainer.kpig.collator",
     "format_prompt": "kpig_trainer.data.prompts",
     # KPIG math
-    "info_score": "kpig_trainer.info_gain",
-    "information_gain": "kpig_trainer.info_gain",
-    "ig_temperature": "kpig_trainer.info_gain",
-    "kpig_jsd": "kpig_trainer.losses",
+    "info_score": "kpig_trainer.kpig.info_gain",
+    "information_gain": "kpig_trainer.kpig.info_gain",
+    "ig_temperature": "kpig_trainer.kpig.info_gain",
+    "kpig_jsd": "kpig_trainer.kpig.losses",
     # training
-    "KPIGConfig": "kpig_trainer.config",
-    "KPIGTrainer": "kpig_trainer.trainer",
-    "ReplayCallback": "kpig_trainer.callbacks",
-    "ReplayRequest": "kpig_trainer.replay",
-    "ReplayStrategy": "kpig_trainer.replay",
-    "get_replay_strategy": "kpig_trainer.replay",
-    "register_replay_strategy": "kpig_trainer.replay",
-    "ContinualArguments": "kpig_trainer.continual_config",
-    "ContinualRunner": "kpig_trainer.continual",
-    "ContinualMethod": "kpig_trainer.methods",
-    "register_method": "kpig_trainer.methods",
-    "register_teacher_mode": "kpig_trainer.teacher",
+    "KPIGConfig": "kpig_trainer.kpig.config",
+    "KPIGTrainer": "kpig_trainer.kpig.trainer",
+    "ReplayCallback": "kpig_trainer.continual.callbacks",
+    "ReplayRequest": "kpig_trainer.continual.replay",
+    "ReplayStrategy": "kpig_trainer.continual.replay",
+    "get_replay_strategy": "kpig_trainer.continual.replay",
+    "register_replay_strategy": "kpig_trainer.continual.replay",
+    "ContinualArguments": "kpig_trainer.continual.arguments",
+    "ContinualRunner": "kpig_trainer.continual.runner",
+    "ContinualMethod": "kpig_trainer.continual.methods",
+    "register_method": "kpig_trainer.continual.methods",
+    "register_teacher_mode": "kpig_trainer.kpig.teacher",
     # evaluation, diversity, selection
     "evaluate_tasks": "kpig_trainer.evaluation.evaluate",
     "ContinualMatrix": "kpig_trainer.evaluation.matrix",
     "diversify": "kpig_trainer.diversity",
     "load_pools": "kpig_trainer.diversity",
-    "InstructionSelector": "kpig_trainer.selection",
-    "align_embedder": "kpig_trainer.selection_align",
+    "InstructionSelector": "kpig_trainer.selection.selector",
+    "align_embedder": "kpig_trainer.selection.align",
     # models, distributed runs
     "end_distributed": "kpig_trainer.distributed",
     "ModelNotFoundError": "kpig_trainer.models",
     "load_model_and_tokenizer": "kpig_trainer.models",
     "load_sentence_embedder": "kpig_trainer.models",
-    "tiny_llama": "kpig_trainer.models",
+    "tiny_llama": "kpig_trainer.testing",
 }
 
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'kpig_trainer' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -7,7 +7,7 @@ import logging
 import sys
 from typing import Sequence
 
-from .data.records import DataError
+from kpig_trainer.data.records import DataError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,20 +16,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = commands.add_parser("data", help="inspect tasks and streams")
     data_commands = data.add_subparsers(dest="data_command", required=True)
-    from .data import summary
+    from kpig_trainer.data import summary
 
     summary_parser = data_commands.add_parser("summary", help="tasks, categories, stage plan and instance counts")
     summary.add_arguments(summary_parser)
     summary_parser.set_defaults(handler=summary.run)
 
     # Each subsystem registers its own subcommands.
-    from .diversity.cli import register_cli as register_diversity
+    from kpig_trainer.diversity.cli import register_cli as register_diversity
 
     register_diversity(commands)
-    from .selection_cli import register_cli as register_selection
+    from kpig_trainer.selection.cli import register_cli as register_selection
 
     register_selection(commands)
-    from .evaluation.cli import register_cli as register_evaluation
+    from kpig_trainer.evaluation.cli import register_cli as register_evaluation
 
     register_evaluation(commands)
     return parser

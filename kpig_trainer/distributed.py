@@ -1,4 +1,5 @@
-"""Ending a distributed run cleanly.
+"""Distributed runs: full weights under DeepSpeed ZeRO-3 (:func:`full_weights`), and ending a
+run cleanly (:func:`end_distributed`).
 
 A process that leaves the interpreter with its default process group alive can die at exit:
 gloo's worker threads may drop the last reference to a finished collective (and so to a
@@ -30,3 +31,24 @@ def end_distributed() -> bool:
     dist.destroy_process_group()
     logger.debug("process group destroyed")
     return True
+
+
+def is_zero3_partitioned(module) -> bool:
+    """Whether DeepSpeed ZeRO-3 holds ``module``'s parameters as shards (empty local tensors)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def full_weights(module):
+    """A context in which ``module`` has its full weights on every process.
+
+    Under DeepSpeed ZeRO-3 the shards are gathered (a full copy of the weights on each rank
+    until the context exits; every rank must enter it); otherwise it does nothing. For work
+    outside the DeepSpeed engine: evaluation, scoring, saving.
+    """
+    import contextlib
+
+    if not is_zero3_partitioned(module):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)

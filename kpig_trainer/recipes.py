@@ -9,8 +9,8 @@ from typing import Any, Sequence
 
 import yaml
 
-from .config import KPIGConfig
-from .continual_config import ContinualArguments
+from kpig_trainer.kpig.config import KPIGConfig
+from kpig_trainer.continual.arguments import ContinualArguments
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo.yaml"
 

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.trainer_utils import validate_quantization_for_training
 
-from kpig_trainer import models
+from kpig_trainer import models, testing
 
 SMOLLM2_FINAL = "smollm2-135m-instruct-fp32"
 
@@ -72,19 +72,19 @@ def test_tiny_chat_template_renders_roles_and_generation_prompt(tiny_tokenizer):
 
 
 def test_tokenizer_without_chat_template():
-    _, tok = models.tiny_llama(chat_template=False)
+    _, tok = testing.tiny_llama(chat_template=False)
     assert tok.chat_template is None
     with pytest.raises(ValueError):
         tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
-    plain = models.tiny_tokenizer(chat_template=False)
-    assert plain("same ids").input_ids == models.tiny_tokenizer()("same ids").input_ids
+    plain = testing.tiny_tokenizer(chat_template=False)
+    assert plain("same ids").input_ids == testing.tiny_tokenizer()("same ids").input_ids
 
 
 def test_same_seed_same_weights_different_seed_different_and_global_rng_untouched():
     rng_before = torch.random.get_rng_state()
-    a, _ = models.tiny_llama(seed=0)
-    b, _ = models.tiny_llama(seed=0)
-    c, _ = models.tiny_llama(seed=1)
+    a, _ = testing.tiny_llama(seed=0)
+    b, _ = testing.tiny_llama(seed=0)
+    c, _ = testing.tiny_llama(seed=1)
     assert torch.equal(torch.random.get_rng_state(), rng_before)
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -92,10 +92,10 @@ def test_same_seed_same_weights_different_seed_different_and_global_rng_untouche
 
 
 def test_tiny_llama_builds_fast():
-    models.tiny_llama(seed=0)  # import transformers' Llama code first: that is a one-off process cost
+    testing.tiny_llama(seed=0)  # import transformers' Llama code first: that is a one-off process cost
     models._trained_tokenizer_json.cache_clear()
     start = time.perf_counter()
-    models.tiny_llama(seed=7)
+    testing.tiny_llama(seed=7)
     assert time.perf_counter() - start < 2.0
 
 
@@ -111,7 +111,7 @@ def test_tiny_model_forward_loss_is_near_uniform(tiny_model_and_tokenizer):
 
 def test_tiny_model_generates_with_left_padding(tiny_model_and_tokenizer):
     model, _ = tiny_model_and_tokenizer
-    tok = models.tiny_tokenizer()
+    tok = testing.tiny_tokenizer()
     tok.padding_side = "left"
     prompts = ["Hi", "Translate the following sentence from English to French:"]
     batch = tok(prompts, return_tensors="pt", padding=True)
@@ -183,7 +183,7 @@ def test_tiny_llama_alias_is_saved_once_and_loads(tmp_path, monkeypatch, tiny_mo
 
 
 def test_load_model_and_tokenizer_sets_missing_pad_token(tmp_path):
-    model, tok = models.tiny_llama(seed=0)
+    model, tok = testing.tiny_llama(seed=0)
     tok.pad_token = None
     model.config.pad_token_id = None
     model.generation_config.pad_token_id = None
@@ -226,7 +226,7 @@ def stub_gguf(tmp_path, monkeypatch):
     def load(gguf_path):
         calls.append(gguf_path)
         time.sleep(0.3)  # long enough for a concurrent caller to reach the lock
-        return models.tiny_llama(seed=0)
+        return testing.tiny_llama(seed=0)
 
     monkeypatch.setattr(models, "_load_gguf_model_and_tokenizer", load)
     return tmp_path / "models", calls
@@ -275,15 +275,15 @@ def test_concurrent_callers_convert_once(stub_gguf, caplog):
 _RANK_SCRIPT = textwrap.dedent(
     """
     import pathlib, sys, time
-    from kpig_trainer import models
+    from kpig_trainer import models, testing
 
     def load(gguf_path):
         print("LOADED", flush=True)
         time.sleep(1.0)
-        return models.tiny_llama(seed=0)
+        return testing.tiny_llama(seed=0)
 
     models._load_gguf_model_and_tokenizer = load
-    models.tiny_llama(seed=0)  # warm imports so both processes reach the lock together
+    testing.tiny_llama(seed=0)  # warm imports so both processes reach the lock together
     barrier = pathlib.Path(sys.argv[1])
     (barrier / sys.argv[2]).touch()
     deadline = time.time() + 120

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kpig_trainer.continual_config import METHODS
+from kpig_trainer.continual.arguments import METHODS
 from kpig_trainer.recipes import parse_run_args, read_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"

@@ -115,7 +115,7 @@ def test_tuning_scores_every_setting_on_validation_data_only(tmp_path):
 
 def load_run_stream_test_ids(run):
     """The test instance ids of the same run's stream with eval_split test."""
-    from kpig_trainer.continual_config import ContinualArguments, load_stream
+    from kpig_trainer.continual.arguments import ContinualArguments, load_stream
 
     args = ContinualArguments(**{**run.config["continual"], "eval_split": "test"})
     stream = load_stream(args, run.config["training"]["seed"])

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from .prompts import PLAIN_TEMPLATE, format_message, format_prompt, has_chat_template
-from .benchmark import BENCHMARK_DIR, Benchmark, load_annotations, load_benchmark
-from .loaders import (
+from kpig_trainer.data.prompts import PLAIN_TEMPLATE, format_message, format_prompt, has_chat_template
+from kpig_trainer.data.benchmark import BENCHMARK_DIR, Benchmark, load_annotations, load_benchmark
+from kpig_trainer.data.loaders import (
     DEFAULT_COLUMNS,
     Split,
     load_dataset_tasks,
@@ -17,18 +17,10 @@ from .loaders import (
     load_tasks,
     tasks_from_records,
 )
-from .records import Constraints, DataError, Demonstration, Instance, Task
-from .sampling import TEST_SAMPLINGS, balanced_sample, self_bleu_sample
-from .stream import Stage, Stream, build_stream, plan_stages, split_task
+from kpig_trainer.data.records import Constraints, DataError, Demonstration, Instance, Task
+from kpig_trainer.data.sampling import TEST_SAMPLINGS, balanced_sample, self_bleu_sample
+from kpig_trainer.data.stream import Stage, Stream, build_stream, plan_stages, split_task
 
-
-def __getattr__(name: str) -> Any:
-    # The collator needs torch; import it only when asked, so `kpig data summary` starts fast.
-    if name == "KPIGDataCollator":
-        from .collator import KPIGDataCollator
-
-        return KPIGDataCollator
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def instances_to_columns(
@@ -49,7 +41,7 @@ def instances_to_columns(
 
 
 __all__ = [
-    "BENCHMARK_DIR", "Benchmark", "KPIGDataCollator", "PLAIN_TEMPLATE", "format_message", "format_prompt",
+    "BENCHMARK_DIR", "Benchmark", "PLAIN_TEMPLATE", "format_message", "format_prompt",
     "has_chat_template", "Constraints", "DEFAULT_COLUMNS", "DataError", "Demonstration",
     "Instance", "Split", "Stage", "Stream", "TEST_SAMPLINGS", "Task", "balanced_sample", "build_stream",
     "instances_to_columns", "load_annotations", "load_benchmark", "load_dataset_tasks",

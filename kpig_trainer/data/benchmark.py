@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from .loaders import _read_json, load_splits, load_superni_tasks
-from .records import DataError, Task
-from .stream import Stream, build_stream
+from kpig_trainer.data.loaders import _read_json, load_splits, load_superni_tasks
+from kpig_trainer.data.records import DataError, Task
+from kpig_trainer.data.stream import Stream, build_stream
 
 BENCHMARK_DIR = Path(__file__).resolve().parent.parent / "benchmark" / "superni_kpig"
 BENCHMARKS = ("superni-kpig", "demo")

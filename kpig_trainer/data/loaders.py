@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from .records import Constraints, DataError, Demonstration, Instance, Task, where
+from kpig_trainer.data.records import Constraints, DataError, Demonstration, Instance, Task, where
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Prompt text of an instance: everything the model sees before its response starts.
 
-Training (:class:`kpig_trainer.data.collator.KPIGDataCollator`) and generation at evaluation
+Training (:class:`kpig_trainer.kpig.collator.KPIGDataCollator`) and generation at evaluation
 time both build prompts here, so the two see the same text.
 
 The *message* is the same in both modes::

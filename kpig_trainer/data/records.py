@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Mapping, Sequence
 
-from ..answers import normalize_answer
+from kpig_trainer.answers import normalize_answer
 
 logger = logging.getLogger(__name__)
 
@@ -272,6 +272,6 @@ def unmatched_key_parts(instruction: str, key_parts: Sequence[str]) -> list[str]
     """Key parts that the robust matcher of :mod:`kpig_trainer.data.masking` cannot find."""
     if not key_parts:
         return []
-    from .masking import find_key_part_spans
+    from kpig_trainer.data.masking import find_key_part_spans
 
     return list(find_key_part_spans(instruction, key_parts).unmatched)

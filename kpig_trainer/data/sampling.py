@@ -16,7 +16,7 @@ import random
 import re
 from typing import Sequence
 
-from .records import DataError, Instance
+from kpig_trainer.data.records import DataError, Instance
 
 TEST_SAMPLINGS = ("balanced", "self_bleu")
 SELF_BLEU_CANDIDATES = 16

@@ -12,8 +12,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
-from .records import DataError, Instance, Task
-from .sampling import TEST_SAMPLINGS, balanced_sample, check_test_sampling, label_key, self_bleu_sample
+from kpig_trainer.data.records import DataError, Instance, Task
+from kpig_trainer.data.sampling import TEST_SAMPLINGS, balanced_sample, check_test_sampling, label_key, self_bleu_sample
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class Stream:
         """
         from datasets import Dataset, DatasetDict
 
-        from . import instances_to_columns
+        from kpig_trainer.data import instances_to_columns
 
         splits = {}
         for stage in self.stages:
@@ -285,7 +285,7 @@ def build_stream(
             no stage, a category has no task, a task is too small to split, or
             ``test_sampling`` is unknown.
     """
-    from .loaders import Split
+    from kpig_trainer.data.loaders import Split
 
     if not isinstance(tasks, Mapping):
         tasks = {t.name: t for t in tasks}

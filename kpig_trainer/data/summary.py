@@ -7,9 +7,9 @@ import json
 from collections import Counter
 from typing import Any, Sequence
 
-from .benchmark import BENCHMARKS, load_annotations, load_benchmark
-from .loaders import load_splits, load_tasks
-from .stream import ORDERS, STAGE_ORDERS, TEST_SAMPLINGS, Stream, build_stream
+from kpig_trainer.data.benchmark import BENCHMARKS, load_annotations, load_benchmark
+from kpig_trainer.data.loaders import load_splits, load_tasks
+from kpig_trainer.data.stream import ORDERS, STAGE_ORDERS, TEST_SAMPLINGS, Stream, build_stream
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:

@@ -5,18 +5,18 @@ OpenAI-compatible endpoint (:class:`DiversityClient`) or, with ``client=None``, 
 heuristic; ``load_pools(folder)`` reads them back in the shape the KPIG collator takes.
 """
 
-from .cache import load_pools, pool_path, read_pool
-from .client import (
+from kpig_trainer.diversity.cache import load_pools, pool_path, read_pool
+from kpig_trainer.diversity.client import (
     DiversityClient, DiversityError, EndpointError, EndpointUnavailable, RequestRejected, RunStopped,
 )
-from .evolve import STRATEGIES, LLMBackend, clean_instruction
-from .extract import KeyPartParseError, parse_key_part_list, validate_key_parts
-from .heuristic import (
+from kpig_trainer.diversity.evolve import STRATEGIES, LLMBackend, clean_instruction
+from kpig_trainer.diversity.extract import KeyPartParseError, parse_key_part_list, validate_key_parts
+from kpig_trainer.diversity.heuristic import (
     HEURISTIC_STRATEGIES, HeuristicBackend, evaluate_heuristic, extract_key_parts_heuristic, heuristic_rewrite,
 )
-from .pool import DiversitySummary, TaskResult, diversify, grow_pool, normalize_instruction
-from .prompts import PromptTemplates, load_templates
-from .shipped import SHIPPED_POOLS, SHIPPED_POOLS_DIR, load_run_pools
+from kpig_trainer.diversity.pool import DiversitySummary, TaskResult, diversify, grow_pool, normalize_instruction
+from kpig_trainer.diversity.prompts import PromptTemplates, load_templates
+from kpig_trainer.diversity.shipped import SHIPPED_POOLS, SHIPPED_POOLS_DIR, load_run_pools
 
 __all__ = [
     "DiversityClient", "DiversityError", "DiversitySummary", "EndpointError", "EndpointUnavailable",

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from ..data.records import DataError
+from kpig_trainer.data.records import DataError
 
 try:  # POSIX only; elsewhere two concurrent runs on one folder are simply not detected
     import fcntl

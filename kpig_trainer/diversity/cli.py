@@ -18,10 +18,10 @@ import logging
 import sys
 from typing import Any
 
-from ..data.benchmark import BENCHMARKS, load_annotations, load_benchmark
-from ..data.loaders import load_tasks
-from ..data.records import DataError
-from .client import DiversityClient, DiversityError
+from kpig_trainer.data.benchmark import BENCHMARKS, load_annotations, load_benchmark
+from kpig_trainer.data.loaders import load_tasks
+from kpig_trainer.data.records import DataError
+from kpig_trainer.diversity.client import DiversityClient, DiversityError
 
 __all__ = ["add_arguments", "register_cli", "run"]
 
@@ -88,8 +88,8 @@ def _select_tasks(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``kpig diversify``; exit 0 when every pool is complete, 1 when some are not, 2 on errors."""
-    from .heuristic import evaluate_heuristic, format_evaluation
-    from .pool import diversify
+    from kpig_trainer.diversity.heuristic import evaluate_heuristic, format_evaluation
+    from kpig_trainer.diversity.pool import diversify
 
     # One INFO line per HTTP request from the openai client's transport drowns the progress bar.
     for name in ("httpx", "httpx2", "openai"):

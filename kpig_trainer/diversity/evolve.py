@@ -20,9 +20,9 @@ import threading
 from collections import Counter
 from typing import Sequence
 
-from .client import DiversityClient
-from .extract import KeyPartParseError, parse_key_part_list, validate_key_parts
-from .prompts import EVOLUTION_STRATEGIES, EXTRACT, PromptTemplates, load_templates
+from kpig_trainer.diversity.client import DiversityClient
+from kpig_trainer.diversity.extract import KeyPartParseError, parse_key_part_list, validate_key_parts
+from kpig_trainer.diversity.prompts import EVOLUTION_STRATEGIES, EXTRACT, PromptTemplates, load_templates
 
 logger = logging.getLogger(__name__)
 

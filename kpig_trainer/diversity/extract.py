@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from ..data.masking import find_key_part_spans
+from kpig_trainer.data.masking import find_key_part_spans
 
 logger = logging.getLogger(__name__)
 

@@ -36,9 +36,9 @@ import random
 import re
 from typing import Any, Mapping, Sequence
 
-from ..data.masking import find_key_part_spans
-from ..data.records import Task
-from .extract import validate_key_parts
+from kpig_trainer.data.masking import find_key_part_spans
+from kpig_trainer.data.records import Task
+from kpig_trainer.diversity.extract import validate_key_parts
 
 __all__ = [
     "HEURISTIC_STRATEGIES", "HeuristicBackend", "evaluate_heuristic", "extract_key_parts_heuristic",

@@ -27,12 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from ..data.records import DataError, Task
-from .cache import PoolFile, now
-from .client import DiversityClient, DiversityError, RequestRejected, RunStopped
-from .extract import validate_key_parts
-from .heuristic import HeuristicBackend
-from .prompts import PromptTemplates, load_templates
+from kpig_trainer.data.records import DataError, Task
+from kpig_trainer.diversity.cache import PoolFile, now
+from kpig_trainer.diversity.client import DiversityClient, DiversityError, RequestRejected, RunStopped
+from kpig_trainer.diversity.extract import validate_key_parts
+from kpig_trainer.diversity.heuristic import HeuristicBackend
+from kpig_trainer.diversity.prompts import PromptTemplates, load_templates
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class DiversitySummary:
 
     def format_table(self) -> str:
         """The table ``kpig diversify`` prints."""
-        from ..data.summary import format_table
+        from kpig_trainer.data.summary import format_table
 
         rows = [{"task": t.task, "pool": t.entries, "existing": t.existing, "added": t.added,
                  "attempts": t.attempts, "rejected": sum(t.rejections.values()), "status": t.status}
@@ -304,7 +304,7 @@ def diversify(
     if client is None:
         backend: Any = HeuristicBackend()
     else:
-        from .evolve import LLMBackend
+        from kpig_trainer.diversity.evolve import LLMBackend
 
         client.reset()
         backend = LLMBackend(client, templates)

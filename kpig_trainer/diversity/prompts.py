@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from ..data.records import DataError
+from kpig_trainer.data.records import DataError
 
 logger = logging.getLogger(__name__)
 

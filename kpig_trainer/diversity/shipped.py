@@ -12,9 +12,9 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..data.benchmark import BENCHMARK_DIR, BENCHMARKS
-from ..data.records import DataError
-from .cache import load_pools
+from kpig_trainer.data.benchmark import BENCHMARK_DIR, BENCHMARKS
+from kpig_trainer.data.records import DataError
+from kpig_trainer.diversity.cache import load_pools
 
 logger = logging.getLogger(__name__)
 

@@ -1,14 +1,14 @@
 """Scoring for continual instruction tuning: metrics, constraint violations, P/V-score."""
 
-from .constraints import (
+from kpig_trainer.evaluation.constraints import (
     as_constraints,
     is_out_of_scope,
     is_wordy,
     is_wrong_format,
     violations,
 )
-from .judge import JudgeError, LLMJudge, parse_verdict
-from .metrics import (
+from kpig_trainer.evaluation.judge import JudgeError, LLMJudge, parse_verdict
+from kpig_trainer.evaluation.metrics import (
     ExampleScore,
     bleu,
     corpus_bleu,
@@ -22,28 +22,19 @@ from .metrics import (
     set_match,
     token_f1,
 )
-from .scores import TaskScore, p_score, score_task, v_score, v_score_paper, violation_rates
+from kpig_trainer._lazy import lazy_exports
+from kpig_trainer.evaluation.scores import TaskScore, p_score, score_task, v_score, v_score_paper, violation_rates
 
 # Generation, evaluation, the continual matrix, probes and reports are imported on first
 # use, so that importing the metrics (or `kpig compare`) does not import torch.
 _LAZY = {
-    "EvalResult": "evaluate", "evaluate_stream_stage": "evaluate", "evaluate_tasks": "evaluate",
-    "information_gains": "evaluate", "generate_answers": "generation", "max_new_tokens_for": "generation",
-    "ContinualMatrix": "matrix", "StageRecord": "matrix", "instruction_variant_probe": "probes",
-    "load_probe": "probes", "misleading_constraint_probe": "probes", "run_probe": "probes",
-    "compare_markdown": "report", "read_report": "report", "write_report": "report",
+    "EvalResult": "kpig_trainer.evaluation.evaluate", "evaluate_stream_stage": "kpig_trainer.evaluation.evaluate", "evaluate_tasks": "kpig_trainer.evaluation.evaluate",
+    "information_gains": "kpig_trainer.evaluation.evaluate", "generate_answers": "kpig_trainer.evaluation.generation", "max_new_tokens_for": "kpig_trainer.evaluation.generation",
+    "ContinualMatrix": "kpig_trainer.evaluation.matrix", "StageRecord": "kpig_trainer.evaluation.matrix", "instruction_variant_probe": "kpig_trainer.evaluation.probes",
+    "load_probe": "kpig_trainer.evaluation.probes", "misleading_constraint_probe": "kpig_trainer.evaluation.probes", "run_probe": "kpig_trainer.evaluation.probes",
+    "compare_markdown": "kpig_trainer.evaluation.report", "read_report": "kpig_trainer.evaluation.report", "write_report": "kpig_trainer.evaluation.report",
 }
 
-
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
 
 
 __all__ = [
@@ -89,3 +80,5 @@ __all__ = [
     "compare_markdown",
     "write_report",
 ]
+
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

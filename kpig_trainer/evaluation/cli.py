@@ -79,7 +79,7 @@ def register_cli(subparsers) -> None:
 
 def _select(args: argparse.Namespace) -> tuple[dict, list[str], list[str], int | None, str]:
     """``(tasks, seen, held_out, max_test, source)`` from the command line."""
-    from ..data import DataError, load_benchmark, load_tasks
+    from kpig_trainer.data import DataError, load_benchmark, load_tasks
 
     if args.tasks is not None:
         tasks = load_tasks(args.tasks)
@@ -107,7 +107,7 @@ def _select(args: argparse.Namespace) -> tuple[dict, list[str], list[str], int |
 def _load(args: argparse.Namespace):
     import torch
 
-    from ..models import load_model_and_tokenizer
+    from kpig_trainer.models import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(args.model)
     if args.adapter:
@@ -127,10 +127,10 @@ def run_eval(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    from ..data.stream import split_task
-    from .evaluate import evaluate_tasks
-    from .judge import LLMJudge
-    from .report import render_markdown, write_report
+    from kpig_trainer.data.stream import split_task
+    from kpig_trainer.evaluation.evaluate import evaluate_tasks
+    from kpig_trainer.evaluation.judge import LLMJudge
+    from kpig_trainer.evaluation.report import render_markdown, write_report
 
     tasks, seen, held_out, max_test, source = _select(args)
     instances = {}
@@ -175,7 +175,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def _run_probes(args, model, tokenizer, tasks, instances) -> dict[str, Any]:
-    from .probes import PROBE_DIR, run_probe
+    from kpig_trainer.evaluation.probes import PROBE_DIR, run_probe
 
     found = {}
     for name, task_instances in instances.items():
@@ -193,8 +193,8 @@ def _run_probes(args, model, tokenizer, tasks, instances) -> dict[str, Any]:
 
 def run_compare(args: argparse.Namespace) -> int:
     """Run ``kpig compare``; returns the exit status."""
-    from ..fileio import atomic_write_text
-    from .report import compare_markdown, read_report
+    from kpig_trainer.fileio import atomic_write_text
+    from kpig_trainer.evaluation.report import compare_markdown, read_report
 
     if args.names and len(args.names) != len(args.runs):
         print(f"error: {len(args.runs)} runs but {len(args.names)} --names", file=sys.stderr)
@@ -210,7 +210,7 @@ def run_compare(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m kpig_trainer.evaluation [eval|compare] ...``; without a subcommand the
     arguments are those of ``eval``."""
-    from ..data.records import DataError
+    from kpig_trainer.data.records import DataError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("eval", "compare", "-h", "--help"):

@@ -13,8 +13,8 @@ from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
-from ..answers import normalize_answer, parse_bracketed_list, parse_items
-from ..data.records import Constraints
+from kpig_trainer.answers import normalize_answer, parse_bracketed_list, parse_items
+from kpig_trainer.data.records import Constraints
 
 __all__ = [
     "as_constraints",

@@ -15,10 +15,10 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..data.records import Instance, Task
-from .generation import generate_answers
-from .judge import JudgeError
-from .scores import VIOLATION_TYPES, TaskScore, p_score, score_task, v_score, v_score_paper, violation_rates
+from kpig_trainer.data.records import Instance, Task
+from kpig_trainer.evaluation.generation import generate_answers
+from kpig_trainer.evaluation.judge import JudgeError
+from kpig_trainer.evaluation.scores import VIOLATION_TYPES, TaskScore, p_score, score_task, v_score, v_score_paper, violation_rates
 
 logger = logging.getLogger(__name__)
 
@@ -145,13 +145,13 @@ def information_gains(
 
     The instances are collated exactly as in training (:class:`KPIGDataCollator`: the
     instance and its key-part-masked twin, each response ended by EOS) and scored by
-    :func:`kpig_trainer.info_gain.information_gain`. No demonstrations are in the context,
+    :func:`kpig_trainer.kpig.info_gain.information_gain`. No demonstrations are in the context,
     also for held-out tasks, so IG measures the instruction's key parts alone. An instance
     without key parts gets None (its twins are identical: IG would be 0 by construction).
     ``show_progress`` shows a ``tqdm`` bar.
     """
-    from ..data.collator import KPIGDataCollator, batches_by_task
-    from ..info_gain import information_gain
+    from kpig_trainer.kpig.collator import KPIGDataCollator, batches_by_task
+    from kpig_trainer.kpig.info_gain import information_gain
 
     collator = KPIGDataCollator(
         tokenizer, max_length=max_length, mask_token=mask_token, system_prompt=system_prompt,

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from ..data.prompts import format_prompt, has_chat_template
-from ..data.records import Instance, Task
+from kpig_trainer.data.prompts import format_prompt, has_chat_template
+from kpig_trainer.data.records import Instance, Task
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-from ..fileio import append_line
+from kpig_trainer.fileio import append_line
 
 __all__ = ["JudgeError", "LLMJudge", "check_api_key", "parse_verdict"]
 

@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .scores import TaskScore
+from kpig_trainer.evaluation.scores import TaskScore
 
 __all__ = ["CELL_KEYS", "ContinualMatrix", "StageRecord"]
 
@@ -315,7 +315,7 @@ class ContinualMatrix:
 
     def save(self, path: str | Path) -> Path:
         """Write the JSON atomically (temp file, then rename)."""
-        from ..fileio import atomic_write_text
+        from kpig_trainer.fileio import atomic_write_text
 
         return atomic_write_text(path, json.dumps(_finite(self.to_dict()), indent=2) + "\n")
 

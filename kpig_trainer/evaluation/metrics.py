@@ -17,11 +17,11 @@ from collections import Counter
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
-from ..answers import normalize_answer, parse_bracketed_list, parse_items  # noqa: F401  (public here too)
-from .constraints import as_constraints
+from kpig_trainer.answers import normalize_answer, parse_bracketed_list, parse_items  # noqa: F401  (public here too)
+from kpig_trainer.evaluation.constraints import as_constraints
 
 if TYPE_CHECKING:
-    from .judge import LLMJudge
+    from kpig_trainer.evaluation.judge import LLMJudge
 
 __all__ = [
     "ExampleScore",

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ..fileio import atomic_write
+from kpig_trainer.fileio import atomic_write
 
 __all__ = ["plot_heatmap", "plot_ig_over_stages", "plot_scores_over_stages", "plot_task_scores", "write_plots"]
 
@@ -158,7 +158,7 @@ def write_plots(out_dir: str | Path, report: Mapping[str, Any]) -> list[str]:
     written = []
     matrix = report.get("matrix")
     if matrix:
-        from .matrix import ContinualMatrix
+        from kpig_trainer.evaluation.matrix import ContinualMatrix
 
         m = ContinualMatrix.from_dict(matrix)
         n_seen = len(m.seen)

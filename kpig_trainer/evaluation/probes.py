@@ -34,10 +34,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..data.records import DataError, Instance, Task
-from .evaluate import _mean, information_gains, task_v_score
-from .generation import generate_answers
-from .scores import score_task
+from kpig_trainer.data.records import DataError, Instance, Task
+from kpig_trainer.evaluation.evaluate import _mean, information_gains, task_v_score
+from kpig_trainer.evaluation.generation import generate_answers
+from kpig_trainer.evaluation.scores import score_task
 
 __all__ = [
     "PROBE_DIR",

@@ -44,7 +44,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from ..fileio import atomic_write_text
+from kpig_trainer.fileio import atomic_write_text
 
 __all__ = [
     "SCHEMA",
@@ -81,14 +81,14 @@ def versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             found[package.replace("-", "_")] = None
     if found["kpig_trainer"] is None:  # running from a source tree that is not installed
-        from .. import __version__
+        from kpig_trainer import __version__
 
         found["kpig_trainer"] = __version__
     return found
 
 
 def _task_rows(result, ig: Mapping[str, Any]) -> list[dict[str, Any]]:
-    from .evaluate import task_v_score
+    from kpig_trainer.evaluation.evaluate import task_v_score
 
     rows = []
     for name, score in result.scores.items():
@@ -131,7 +131,7 @@ def build_report(
     """The report.json dict (schema in the module docstring) of an ``EvalResult`` or a
     ``ContinualMatrix``; for a matrix, ``final`` is the last stage's ``EvalResult`` (its
     predictions and per-task details), else the tasks come from the matrix's final row."""
-    from .matrix import ContinualMatrix
+    from kpig_trainer.evaluation.matrix import ContinualMatrix
 
     matrix = result_or_matrix if isinstance(result_or_matrix, ContinualMatrix) else None
     result = final if matrix is not None else result_or_matrix
@@ -185,7 +185,7 @@ def write_report(
     out_dir = Path(out_dir)
     report = build_report(result_or_matrix, config, final=final, name=name, probes=probes, notes=notes, timings=timings)
     if plots:
-        from .plots import write_plots
+        from kpig_trainer.evaluation.plots import write_plots
 
         report["plots"] = write_plots(out_dir, report)
     atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
@@ -304,7 +304,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
 
 
 def _matrix_section(matrix: Mapping[str, Any]) -> list[str]:
-    from .matrix import ContinualMatrix
+    from kpig_trainer.evaluation.matrix import ContinualMatrix
 
     m = ContinualMatrix.from_dict(matrix)
     metrics = m.metrics()

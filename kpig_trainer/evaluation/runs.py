@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .constraints import violations
-from .metrics import score_example
-from .scores import VIOLATION_TYPES
+from kpig_trainer.evaluation.constraints import violations
+from kpig_trainer.evaluation.metrics import score_example
+from kpig_trainer.evaluation.scores import VIOLATION_TYPES
 
 __all__ = ["InstanceScore", "RunRecord", "flips", "load_run", "instance_scores", "p_score_of", "paired_bootstrap",
            "v_score_of"]
@@ -57,7 +57,7 @@ class RunRecord:
 
 def load_run(root: str | Path) -> RunRecord:
     """Read a run directory (``config.json``, ``state.json``) and rebuild its stream."""
-    from ..continual_config import ContinualArguments, load_stream
+    from kpig_trainer.continual.arguments import ContinualArguments, load_stream
 
     root = Path(root)
     try:

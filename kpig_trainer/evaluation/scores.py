@@ -6,11 +6,11 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .constraints import as_constraints, violations
-from .metrics import score_example
+from kpig_trainer.evaluation.constraints import as_constraints, violations
+from kpig_trainer.evaluation.metrics import score_example
 
 if TYPE_CHECKING:
-    from .judge import LLMJudge
+    from kpig_trainer.evaluation.judge import LLMJudge
 
 __all__ = ["VIOLATION_TYPES", "TaskScore", "p_score", "score_task", "v_score", "v_score_paper",
            "violation_rates"]

@@ -13,10 +13,10 @@ import sys
 import torch
 from datasets import Dataset
 
-from kpig_trainer.config import KPIGConfig
+from kpig_trainer.kpig.config import KPIGConfig
 from kpig_trainer.distributed import end_distributed
-from kpig_trainer.models import full_weights, load_model_and_tokenizer
-from kpig_trainer.trainer import KPIGTrainer
+from kpig_trainer.distributed import full_weights, load_model_and_tokenizer
+from kpig_trainer.kpig.trainer import KPIGTrainer
 
 
 def main(model_dir: str, mode: str, out: str) -> None:
