@@ -157,7 +157,7 @@ def time_model(model_name: str, warmup: int, repeats: int, n_batches: int) -> di
     rows = select_rows(tokenizer, BATCH_SIZE * n_batches)
     workdir = tempfile.mkdtemp(prefix="kpig-step-cost-")
     trainers = {name: build_trainer(name, base, tokenizer, rows, workdir) for name in CONFIGS}
-    trainers["cached"].previous_model.prepare()  # the one-off cache build is not a step
+    trainers["cached"].teacher.prepare()  # the one-off cache build is not a step
     kpig_collator = trainers["copy"].data_collator
     sft_collator = trainers["sft"].data_collator
     batches = []
@@ -203,7 +203,7 @@ def time_model(model_name: str, warmup: int, repeats: int, n_batches: int) -> di
         return run
 
     def lookup(batch):
-        cache = trainers["cached"].previous_model.cache
+        cache = trainers["cached"].teacher.cache
         start = time.perf_counter()
         twin = TwinBatch.from_inputs(batch["kpig"], True).masked
         cache.lookup(batch["kpig"]["ids"], twin.response_counts().tolist(), twin.token_hashes(), twin.labels.device)
@@ -211,7 +211,7 @@ def time_model(model_name: str, warmup: int, repeats: int, n_batches: int) -> di
 
     full_model = trainers["sft"].model
     lora_model = trainers["adapter"].model
-    teacher = trainers["copy"].previous_model.model
+    teacher = trainers["copy"].teacher.model
     passes = {
         "fb_full": fwd_bwd(full_model, "full", True),
         "fb_masked": fwd_bwd(full_model, "masked", True),

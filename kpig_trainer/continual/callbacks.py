@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any, Callable
 
 from transformers import TrainerCallback
 
+from kpig_trainer.distributed import full_weights
 from kpig_trainer.continual.replay import ModelScorer, ReplayChoice, ReplayRequest, ReplayStrategy, get_replay_strategy
 
 logger = logging.getLogger(__name__)
@@ -57,14 +59,17 @@ class ReplayCallback(TrainerCallback):
         self.seconds: float | None = None
 
     def select(self, model) -> ReplayChoice:
-        """Score with ``model`` and choose; usable outside a Trainer (e.g. on resume).
+        """Score with ``model`` and choose: the one path at a stage's end and on resume (a run
+        stopped between stages), usable outside a Trainer.
         :attr:`seconds` is the wall time it took (scoring included)."""
         began = time.perf_counter()
         scorer = None
         if self.strategy.needs_model and self.request.seen_tasks:
             scorer = ModelScorer(model, self.collator, alpha=self.alpha, batch_size=self.batch_size,
                                  show_progress=self.show_progress)
-        self.choice = self.strategy.select(self.request, scorer)
+        # ZeRO-3: the full weights on every rank, at a stage's end as on resume (one path).
+        with full_weights(model) if scorer is not None else contextlib.nullcontext():
+            self.choice = self.strategy.select(self.request, scorer)
         self.seconds = time.perf_counter() - began
         summary = ", ".join(f"{t} ({self.choice.scores[t]:.4f})" if t in self.choice.scores else t
                             for t in self.choice.tasks) or "nothing"

@@ -14,26 +14,29 @@ paper's baselines are runs of the same code with another ``replay_strategy`` nam
   stage's (sentence-embedding cosine, :mod:`kpig_trainer.selection.selector`).
 * ``kpig+similarity``: the ``M`` lowest-IG tasks among the ``2M`` most similar ones.
 
-Model scores are computed by a :class:`ModelScorer` in batches of one task's instances (their
-shared instruction runs once per batch), dealt to the processes of a distributed run in turns;
-the scores are all-gathered, so that every rank sees the same numbers and selects the same tasks
-(a rank that chose differently would hang the run).
+Model scores come from a :class:`~kpig_trainer.kpig.scoring.ModelScorer`, the pipeline evaluation
+uses too; they are all-gathered, so that every rank sees the same numbers and selects the same
+tasks (a rank that chose differently would hang the run). A task none of whose sampled instances
+has a maskable key part has no IG: it is left out of the IG ranking (and logged), never chosen
+for it.
 Ties are broken by task name, never by dictionary or set order.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import logging
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
-
-import torch
+from typing import Any, Mapping, Sequence
 
 from kpig_trainer.data.records import Instance, Task
-from kpig_trainer.kpig.info_gain import information_gain
-from kpig_trainer.kpig.losses import IGNORE_INDEX, response_positions
+from kpig_trainer.kpig.scoring import ModelScorer, response_entropy
+
+__all__ = ["ModelScorer", "ReplayChoice", "ReplayRequest", "ReplayStrategy", "get_replay_strategy", "lowest",
+           "register_replay_strategy", "replay_strategy_class", "response_entropy"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -84,98 +87,6 @@ class ReplayChoice:
             "instances": [[i.task, i.id] for i in self.instances],
             "scores": dict(self.scores),
         }
-
-
-def response_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Mean predictive entropy (nats) per row over the positions that predict response tokens.
-
-    Computed in float32; rows without a response token give 0.
-    """
-    rows, positions, _ = response_positions(labels, ignore_index)
-    logp = torch.log_softmax(logits[rows, positions].float(), dim=-1)
-    entropy = -(logp.exp() * logp).sum(-1)
-    total = torch.zeros(labels.shape[0], device=logits.device).index_add_(0, rows, entropy)
-    count = torch.zeros(labels.shape[0], device=logits.device).index_add_(0, rows, torch.ones_like(entropy))
-    return total / count.clamp(min=1)
-
-
-def _distributed() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-class ModelScorer:
-    """Scores instances with a model: information gain or predictive entropy.
-
-    Args:
-        model: the causal LM as it stands at the stage boundary (unwrapped).
-        collator: a :class:`~kpig_trainer.kpig.collator.KPIGDataCollator` (paired batches).
-        alpha: exponential decay of Info (equation 2).
-        batch_size: instances per forward.
-        show_progress: a progress bar on the main process.
-    """
-
-    def __init__(self, model: torch.nn.Module, collator: Callable, *, alpha: float = 0.3,
-                 batch_size: int = 8, show_progress: bool = True) -> None:
-        self.model = model
-        self.collator = collator
-        self.alpha = alpha
-        self.batch_size = batch_size
-        self.show_progress = show_progress
-
-    def information_gain(self, instances: Sequence[Instance]) -> list[float]:
-        """IG of every instance (equation 1), identical on every rank."""
-        return self._score(instances, lambda batch: information_gain(self.model, batch, self.alpha), "IG")
-
-    @torch.no_grad()
-    def entropy(self, instances: Sequence[Instance]) -> list[float]:
-        """Mean predictive entropy of every instance's response, identical on every rank."""
-
-        from kpig_trainer.kpig.twins import Twin, accepts_logits_to_keep, forward_twins
-
-        def score(batch: Mapping[str, Any]) -> torch.Tensor:
-            device = next(self.model.parameters()).device
-            twin = Twin.from_tensors(*(batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")),
-                                     response_only=True)
-            was_training = self.model.training
-            self.model.eval()
-            try:
-                logits = forward_twins(self.model, [twin], logits_to_keep=accepts_logits_to_keep(self.model))[0]
-            finally:
-                self.model.train(was_training)
-            return response_entropy(logits, twin.frame_labels)
-
-        return self._score(instances, score, "entropy")
-
-    def _score(self, instances: Sequence[Instance], fn: Callable, what: str) -> list[float]:
-        from tqdm.auto import tqdm
-
-        from kpig_trainer.kpig.collator import batches_by_task
-
-        rank, world = _distributed()
-        # One task per batch (its instruction runs once); the batches are dealt to the processes
-        # in turns, in the same order on every rank.
-        batches = batches_by_task(instances, range(len(instances)), self.batch_size)
-        mine = batches[rank::world]
-        # Every rank runs the same number of forwards (sharded models run collectives inside
-        # forward): a rank with fewer batches repeats one and drops its result.
-        steps = math.ceil(len(batches) / world)
-        local: dict[int, float] = {}
-        bar = tqdm(total=sum(map(len, mine)), desc=f"replay: {what}", disable=not self.show_progress or rank != 0)
-        for step in range(steps):
-            rows = mine[step] if step < len(mine) else (mine or batches)[-1]
-            values = fn(self.collator([instances[i] for i in rows])).tolist()
-            if step < len(mine):
-                local.update(zip(rows, values))
-                bar.update(len(rows))
-        bar.close()
-        if world > 1:
-            gathered: list[dict[int, float] | None] = [None] * world
-            torch.distributed.all_gather_object(gathered, local)
-            for part in gathered:
-                local.update(part or {})
-        return [local[i] for i in range(len(instances))]
 
 
 class ReplayStrategy:
@@ -230,14 +141,20 @@ class KPIGReplay(ReplayStrategy):
     needs_model = True
 
     def task_scores(self, request: ReplayRequest, scorer: ModelScorer) -> tuple[dict[str, float], dict[str, list[Instance]]]:
-        """Mean IG per seen task, and the sampled instances it was computed on."""
+        """Mean IG per seen task over its sampled instances that have a maskable key part, and the
+        sampled instances. A task with no such instance has no score (it cannot be ranked)."""
         samples = {t: request.sample(t) for t in request.seen_tasks}
         flat = [i for t in request.seen_tasks for i in samples[t]]
         values = iter(scorer.information_gain(flat))
         scores = {}
         for task in request.seen_tasks:
-            task_values = [next(values) for _ in samples[task]]
-            scores[task] = sum(task_values) / len(task_values) if task_values else math.inf
+            task_values = [v for v in (next(values) for _ in samples[task]) if v is not None]
+            if task_values:
+                scores[task] = sum(task_values) / len(task_values)
+        unscored = [t for t in request.seen_tasks if t not in scores]
+        if unscored:
+            logger.warning("stage %d replay: no sampled instance of %s has a maskable key part; left out of "
+                           "the IG ranking", request.stage + 1, ", ".join(unscored))
         return scores, samples
 
     def select(self, request, scorer=None):
@@ -339,6 +256,7 @@ class KPIGSimilarityReplay(SimilarityReplay):
         similar = self.ranked(request, self.top_similar or 2 * request.num_tasks)
         narrowed = dataclasses.replace(request, seen_tasks=[t for t, _ in similar])
         ig, samples = KPIGReplay().task_scores(narrowed, scorer)
+        similar = [(t, s) for t, s in similar if t in ig]
         chosen = [t for t, _ in lowest_ig_among(similar, ig, request.num_tasks)]
         return self._choice(request, chosen, ig, [i for t in chosen for i in samples[t]])
 

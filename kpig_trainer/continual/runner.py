@@ -158,11 +158,19 @@ class ContinualRunner:
             self.method.load_state_dict(torch.load(self.dir.extra_path(done - 1), weights_only=False))
 
     def collator(self, with_masked: bool):
-        from kpig_trainer.kpig.collator import KPIGDataCollator
+        """The training collator of every stage (instruction pools included)."""
+        from kpig_trainer.kpig.collator import build_collator
 
-        return KPIGDataCollator(self.tokenizer, max_length=self.training_args.max_length or 1024,
-                                mask_token=self.training_args.mask_token, instruction_pools=self.instruction_pools,
-                                seed=self.training_args.seed, with_masked=with_masked)
+        return build_collator(self.tokenizer, self.training_args, max_length=self.training_args.max_length or 1024,
+                              instruction_pools=self.instruction_pools, with_masked=with_masked)
+
+    def scoring_collator(self):
+        """The collator replay scoring and the evaluation's IG share: the training collator's
+        tokenization, each task's own instruction."""
+        from kpig_trainer.kpig.collator import build_collator
+
+        return build_collator(self.tokenizer, self.training_args, max_length=self.training_args.max_length or 1024,
+                              scoring=True)
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -257,7 +265,7 @@ class ContinualRunner:
                                 self.training_args.process_index)
             self._save_state()
 
-        callback = ReplayCallback(self.replay_strategy, self.replay_request(stage), self.collator(True),
+        callback = ReplayCallback(self.replay_strategy, self.replay_request(stage), self.scoring_collator(),
                                   alpha=self.training_args.alpha, batch_size=self.args.eval_batch_size,
                                   on_choice=record, show_progress=not self.training_args.disable_tqdm)
         return callback
@@ -266,8 +274,7 @@ class ContinualRunner:
         if stage == 0:
             return []
         if str(stage) not in self.state.replay:  # resumed between stages: choose now
-            with full_weights(self.model):
-                self._replay_callback(stage).select(self.model)
+            self._replay_callback(stage).select(self.model)
         by_id = {(i.task, i.id): i for t in self.stream.seen_before(stage) for i in self.stream.train[t]}
         return [by_id[(task, iid)] for task, iid in self.state.replay[str(stage)]["instances"]]
 
@@ -290,10 +297,10 @@ class ContinualRunner:
         trainer = self.method.trainer_class()(
             model=self.model, args=args, train_dataset=Dataset.from_list(_rows(instances)),
             processing_class=self.tokenizer, data_collator=self.collator(self.args.uses_jsd), callbacks=callbacks,
-            use_previous_model=self.args.uses_jsd)
+            use_teacher=self.args.uses_jsd)
         self.method.before_stage(self, stage, trainer)
         trainer.train(resume_from_checkpoint=self.dir.last_trainer_checkpoint(stage))
-        trainer.release_previous_model()
+        trainer.release_teacher()
         self.model = trainer.model
         self.state.timings[f"stage_{stage + 1}_train"] = time.perf_counter() - start
 
@@ -344,6 +351,7 @@ class ContinualRunner:
             model, tokenizer, stream, None if stage < 0 else stage, batch_size=self.args.eval_batch_size,
             held_out_demonstrations=self.args.held_out_demonstrations, compute_ig=self.args.eval_ig,
             alpha=self.training_args.alpha, mask_token=self.training_args.mask_token, judge=self.judge,
+            ig_collator=self.scoring_collator() if self.args.eval_ig else None,
             show_progress=not self.training_args.disable_tqdm)
         entry = result.to_dict()
         if self.args.judge_base_url and torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -383,10 +391,10 @@ class ContinualRunner:
 @torch.no_grad()
 def loss_evaluation(model, tokenizer, stream: Stream, stage: int) -> dict[str, Any]:
     """Mean response cross entropy of every seen and held-out task's test split."""
-    from kpig_trainer.kpig.collator import KPIGDataCollator
+    from kpig_trainer.kpig.collator import build_collator
     from kpig_trainer.kpig.losses import cross_entropy_loss
 
-    collator = KPIGDataCollator(tokenizer, with_masked=False)
+    collator = build_collator(tokenizer, with_masked=False)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -139,36 +139,31 @@ def information_gains(
     mask_token: str = "[MASK]",
     system_prompt: str | None = None,
     max_length: int | None = None,
+    collator=None,
     show_progress: bool = False,
 ) -> list[float | None]:
     """Information gain of each instance on its first reference output (no gradients).
 
-    The instances are collated exactly as in training (:class:`KPIGDataCollator`: the
-    instance and its key-part-masked twin, each response ended by EOS) and scored by
-    :func:`kpig_trainer.kpig.info_gain.information_gain`. No demonstrations are in the context,
-    also for held-out tasks, so IG measures the instruction's key parts alone. An instance
-    without key parts gets None (its twins are identical: IG would be 0 by construction).
-    ``show_progress`` shows a ``tqdm`` bar.
+    The pipeline replay scoring uses (:func:`kpig_trainer.kpig.scoring.score_instances`): the
+    instance and its key-part-masked twin collated as in training, each response ended by EOS.
+    No demonstrations are in the context, also for held-out tasks, so IG measures the
+    instruction's key parts alone. An instance without a maskable key part gets None (its twins
+    are identical: IG would be 0 by construction).
+
+    Args:
+        collator: the scoring collator to use (a continual run passes its own, so its reported IG
+            and its replay ranking are one quantity); default:
+            ``build_collator(tokenizer, scoring=True, mask_token=..., system_prompt=..., max_length=...)``.
+        show_progress: a ``tqdm`` bar.
     """
-    from kpig_trainer.kpig.collator import KPIGDataCollator, batches_by_task
-    from kpig_trainer.kpig.info_gain import information_gain
+    from kpig_trainer.kpig.collator import build_collator
+    from kpig_trainer.kpig.scoring import score_instances
 
-    collator = KPIGDataCollator(
-        tokenizer, max_length=max_length, mask_token=mask_token, system_prompt=system_prompt,
-    )
-    result: list[float | None] = [None] * len(instances)
-    scored = [k for k, instance in enumerate(instances) if instance.key_parts]
-    batches = batches_by_task(instances, scored, batch_size)  # one task per batch: its instruction runs once
-    from tqdm.auto import tqdm
-
-    with tqdm(total=len(scored), desc="information gain", unit="instance", disable=not show_progress) as bar:
-        for rows in batches:
-            batch = collator([instances[k] for k in rows])
-            gains = information_gain(model, batch, alpha)
-            for k, gain in zip(rows, gains.tolist()):
-                result[k] = float(gain)
-            bar.update(len(rows))
-    return result
+    if collator is None:
+        collator = build_collator(tokenizer, scoring=True, max_length=max_length, mask_token=mask_token,
+                                  system_prompt=system_prompt)
+    return score_instances(model, instances, collator, kind="ig", alpha=alpha, batch_size=batch_size,
+                           show_progress=show_progress, desc="information gain")
 
 
 def evaluate_tasks(
@@ -188,6 +183,7 @@ def evaluate_tasks(
     alpha: float = 0.3,
     ig_batch_size: int | None = None,
     mask_token: str = "[MASK]",
+    ig_collator=None,
     show_progress: bool = True,
 ) -> EvalResult:
     """Generate answers for every task's instances and score them.
@@ -207,6 +203,7 @@ def evaluate_tasks(
         alpha: the decay of Info (equation 2 of the paper).
         ig_batch_size: instances per IG forward pass (default ``batch_size``).
         mask_token: text replacing the key parts in the masked twin.
+        ig_collator: the collator of the IG pass (see :func:`information_gains`).
 
     Returns:
         An :class:`EvalResult`. A task with no instances is skipped with a warning.
@@ -260,7 +257,7 @@ def evaluate_tasks(
     if compute_ig:
         gains = information_gains(
             model, tokenizer, flat, alpha=alpha, batch_size=ig_batch_size or batch_size,
-            mask_token=mask_token, system_prompt=system_prompt, show_progress=show_progress,
+            mask_token=mask_token, system_prompt=system_prompt, collator=ig_collator, show_progress=show_progress,
         )
         offset = 0
         for name in names:

@@ -13,7 +13,7 @@ learns to stop. Prompt and response are tokenized separately and concatenated: t
 boundary is exact and both twins carry the very same response ids. Labels are ``-100`` on the
 prompt and on padding.
 
-The batch follows the contract of :mod:`kpig_trainer.kpig.info_gain`: ``input_ids``,
+The batch is a :class:`~kpig_trainer.kpig.batch.KPIGBatch`: ``input_ids``,
 ``attention_mask``, ``labels`` (full), ``masked_input_ids``, ``masked_attention_mask``,
 ``masked_labels`` (twin), each side right-padded to its own longest row, plus ``ids`` and
 ``tasks`` (lists of strings, for teacher caches and per-task logging).
@@ -39,10 +39,11 @@ import torch
 
 from kpig_trainer.data.masking import mask_key_parts
 from kpig_trainer.data.prompts import format_prompt, has_chat_template
+from kpig_trainer.kpig.batch import KPIGBatch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["KPIGDataCollator", "batches_by_task"]
+__all__ = ["KPIGDataCollator", "batches_by_task", "build_collator"]
 
 _PRETOKENIZED_KEYS = ("input_ids", "labels", "masked_input_ids", "masked_labels")
 _MASK_CACHE_SIZE = 65536
@@ -186,7 +187,7 @@ class KPIGDataCollator:
 
     # ---------------------------------------------------------------- public API
 
-    def __call__(self, features: Sequence[Any]) -> dict[str, Any]:
+    def __call__(self, features: Sequence[Any]) -> KPIGBatch:
         """Collate raw instances and/or pre-tokenized rows into a padded paired batch.
 
         Returns:
@@ -250,6 +251,12 @@ class KPIGDataCollator:
         entry = pool[int.from_bytes(digest, "big") % len(pool)]
         get = entry.get if isinstance(entry, Mapping) else lambda k, d=None: getattr(entry, k, d)
         return get("instruction"), list(get("key_parts", None) or [])
+
+    def has_key_part(self, instance: Any) -> bool:
+        """Whether the mask changes the instruction shown for ``instance``. Without a maskable
+        key part its twins are identical and its information gain is 0 by construction."""
+        instruction, key_parts = self.instruction_for(instance)
+        return bool(key_parts) and self._masked(instruction, key_parts) != instruction
 
     # ---------------------------------------------------------------- encoding
 
@@ -429,3 +436,25 @@ class KPIGDataCollator:
         state["_mask_cache"] = {}
         state["counts"] = Counter()
         return state
+
+
+def build_collator(tokenizer: Any, config: Any = None, *, scoring: bool = False, **options: Any) -> KPIGDataCollator:
+    """The collator of every path: the trainer's default, each stage of a continual run, replay
+    scoring and evaluation.
+
+    Args:
+        tokenizer: the model's tokenizer.
+        config: a :class:`~kpig_trainer.kpig.config.KPIGConfig` (or any object with ``mask_token``,
+            ``max_length`` and ``seed``) whose values are the defaults; None for the collator's own.
+        scoring: for measuring, not training: each instance shows its task's own instruction (no
+            pool variant) and gets its masked twin, so that the IG ranking of replay and the IG an
+            evaluation reports are the same quantity.
+        **options: any :class:`KPIGDataCollator` field; wins over ``config``.
+    """
+    values: dict[str, Any] = {}
+    if config is not None:
+        values.update(mask_token=config.mask_token, max_length=config.max_length, seed=config.seed)
+    values.update(options)
+    if scoring:
+        values.update(instruction_pools=None, with_masked=True)
+    return KPIGDataCollator(tokenizer, **values)

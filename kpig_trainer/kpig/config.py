@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-PREVIOUS_MODEL_MODES = ("adapter", "copy", "cached")
+TEACHER_MODES = ("adapter", "copy", "cached")
 IG_SOURCES = ("current", "previous")
 JSD_TWINS = ("masked", "full")
 TWIN_PASSES = ("auto", "fused", "separate", "sequential")
 
-__all__ = ["KPIGConfig", "PREVIOUS_MODEL_MODES", "IG_SOURCES", "JSD_TWINS", "TWIN_PASSES"]
+__all__ = ["KPIGConfig", "TEACHER_MODES", "IG_SOURCES", "JSD_TWINS", "TWIN_PASSES"]
 
 
 class _TeacherModes:

@@ -12,22 +12,7 @@ The twins differ in prompt length, so their response tokens sit at different pos
 comparisons here are made on the response: the ``k``-th response token of one twin with the
 ``k``-th of the other (left-aligned), never by position.
 
-Batch contract (what the KPIG collator yields, consumed by :func:`information_gain`):
-
-====================== ========== =====================================================
-key                    shape      meaning
-====================== ========== =====================================================
-input_ids              [B, T1]    full instance (instruction with key parts, input, output)
-attention_mask         [B, T1]    1 on real tokens, 0 on padding (either side)
-labels                 [B, T1]    response token ids, -100 everywhere else
-masked_input_ids       [B, T2]    the masked twin (key parts replaced by the mask token)
-masked_attention_mask  [B, T2]
-masked_labels          [B, T2]    the *same* response tokens as ``labels``, -100 elsewhere
-====================== ========== =====================================================
-
-Row ``b`` of the masked tensors is the twin of row ``b`` of the full ones; ``T1`` and ``T2``
-may differ. Each row must mark the same sequence of response token ids in ``labels`` and
-``masked_labels`` (checked: a mismatch raises ``ValueError``). Extra keys are ignored.
+The batch is the collator's paired batch (:class:`~kpig_trainer.kpig.batch.KPIGBatch`).
 """
 
 from __future__ import annotations

@@ -18,9 +18,9 @@ Algorithm 1 of the paper (arXiv 2403.10056) freezes a copy of ``M_{t-1}`` at eve
 The twins' forward passes are in :mod:`kpig_trainer.kpig.twins`, the cache's store in
 :mod:`kpig_trainer.kpig.teacher_cache`.
 
-Lifecycle: :meth:`PreviousModel.snapshot` takes the current weights as the previous model. The
+Lifecycle: :meth:`Teacher.snapshot` takes the current weights as the previous model. The
 trainer calls it in its constructor (``"cached"``: when ``train()`` starts, before any update)
-and the stage loop calls ``KPIGTrainer.snapshot_previous_model()`` at each stage boundary.
+and the stage loop calls ``KPIGTrainer.snapshot_teacher()`` at each stage boundary.
 
 A teacher sees its trainer only through a :class:`TeacherContext` (the accelerator, the config,
 the twins' forward function, the model being trained and the training data), so each mode runs
@@ -53,11 +53,11 @@ __all__ = [
     "PREVIOUS_ADAPTER",
     "TeacherContext",
     "TeacherTargets",
-    "PreviousModel",
+    "Teacher",
     "FrozenCopy",
     "AdapterSnapshot",
     "CachedTeacher",
-    "make_previous_model",
+    "make_teacher",
     "register_teacher_mode",
     "teacher_modes",
 ]
@@ -66,10 +66,10 @@ _MODES: dict[str, type] = {}
 
 
 def register_teacher_mode(cls: type) -> type:
-    """Register a :class:`PreviousModel` subclass under its ``mode`` (usable as a decorator);
+    """Register a :class:`Teacher` subclass under its ``mode`` (usable as a decorator);
     ``KPIGConfig.previous_model`` can then name it. Re-registering a name replaces it."""
-    if not (isinstance(cls, type) and issubclass(cls, PreviousModel)) or not cls.mode:
-        raise TypeError(f"a teacher mode is a PreviousModel subclass with a non-empty `mode`, got {cls!r}")
+    if not (isinstance(cls, type) and issubclass(cls, Teacher)) or not cls.mode:
+        raise TypeError(f"a teacher mode is a Teacher subclass with a non-empty `mode`, got {cls!r}")
     _MODES[cls.mode] = cls
     return cls
 
@@ -92,7 +92,7 @@ class TeacherTargets:
     info_gain: torch.Tensor | None = None
 
 
-class PreviousModel:
+class Teacher:
     """Base class of the three ways to keep the previous-stage model."""
 
     mode: str = ""
@@ -138,7 +138,7 @@ class PreviousModel:
 
 
 @register_teacher_mode
-class FrozenCopy(PreviousModel):
+class FrozenCopy(Teacher):
     """``"copy"``: a frozen deep copy of the model, in eval mode."""
 
     mode = "copy"
@@ -216,7 +216,7 @@ def copy_weights(source: torch.nn.Module, target: torch.nn.Module) -> None:
 
 
 @register_teacher_mode
-class AdapterSnapshot(PreviousModel):
+class AdapterSnapshot(Teacher):
     """``"adapter"``: the previous weights live in a second, frozen PEFT adapter."""
 
     mode = "adapter"
@@ -297,7 +297,7 @@ def _in_adapter(param_name: str, adapter: str) -> bool:
 
 
 @register_teacher_mode
-class CachedTeacher(PreviousModel):
+class CachedTeacher(Teacher):
     """``"cached"``: top-k log-probs of the previous model, computed once, memory-mapped."""
 
     mode = "cached"
@@ -340,7 +340,7 @@ class CachedTeacher(PreviousModel):
         self.cache = None
 
 
-def make_previous_model(mode: str, context: TeacherContext) -> PreviousModel:
+def make_teacher(mode: str, context: TeacherContext) -> Teacher:
     """The teacher of ``mode`` (a registered name) over ``context``."""
     if mode not in _MODES:
         raise ValueError(f"previous_model={mode!r} is not a teacher mode; registered: {', '.join(_MODES)} "

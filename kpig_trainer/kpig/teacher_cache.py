@@ -101,7 +101,7 @@ class TeacherCache:
             raise KeyError(
                 f"{len(missing)} instance ids of the batch are not in the teacher cache {self.directory} "
                 f"(e.g. {missing[0]!r}); the cache covers the train dataset at the last snapshot: call "
-                "trainer.snapshot_previous_model() after changing train_dataset"
+                "trainer.snapshot_teacher() after changing train_dataset"
             )
         entries = [self.entries[key] for key in ids]
         bad = [key for key, entry, n in zip(ids, entries, lengths) if entry[2] != n]

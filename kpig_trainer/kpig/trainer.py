@@ -23,17 +23,49 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from kpig_trainer.kpig.config import KPIGConfig
 from kpig_trainer.kpig.info_gain import check_twin_labels, ig_temperature, info_score
 from kpig_trainer.kpig.losses import cross_entropy_loss, kpig_jsd, kpig_jsd_topk
-from kpig_trainer.kpig.teacher import PreviousModel, TeacherTargets, make_previous_model
+from kpig_trainer.kpig.teacher import Teacher, TeacherTargets, make_teacher
 from kpig_trainer.kpig.teacher_context import TeacherContext
 from kpig_trainer.kpig.twins import TwinBatch, accepts_logits_to_keep, forward_twins
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["KPIGTrainer"]
+__all__ = ["KPIGTrainer", "StepPlan"]
 
 # Logged metrics; each is accumulated as (sum, count) so the logged value is an exact mean over
 # the logging window: ce and jsd per response token, ig and temperature per instance.
 _METRICS = ("ce", "jsd", "ig", "temperature")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """What a ``compute_loss`` call runs, resolved once per configuration (and teacher on/off).
+
+    Attributes:
+        jsd: the JSD term is on (``jsd_weight > 0`` and the previous model is ready).
+        jsd_twin: the twin the JSD compares on (``jsd_on``).
+        student_twins: the twins the current model runs with gradients.
+        need_masked: the batch's masked twin is read (for the JSD or for the IG).
+        want_ig: the step computes IG (for the temperature, or ``always_log_info_gain``).
+        ig_from_previous: the IG comes from the previous model's passes (``ig_source="previous"``).
+        temperature: the JSD uses the IG temperature (``use_temperature``); else 1.
+    """
+
+    jsd: bool
+    jsd_twin: str
+    student_twins: tuple[str, ...]
+    need_masked: bool
+    want_ig: bool
+    ig_from_previous: bool
+    temperature: bool
+
+    @classmethod
+    def resolve(cls, args: KPIGConfig, jsd_active: bool) -> StepPlan:
+        want_ig = args.always_log_info_gain or (jsd_active and args.use_temperature)
+        students = ("full", "masked") if jsd_active and args.jsd_on == "masked" else ("full",)
+        return cls(jsd=jsd_active, jsd_twin=args.jsd_on, student_twins=students,
+                   need_masked="masked" in students or want_ig, want_ig=want_ig,
+                   ig_from_previous=jsd_active and args.ig_source == "previous" and want_ig,
+                   temperature=args.use_temperature)
 
 
 class KPIGTrainer(Trainer):
@@ -46,18 +78,18 @@ class KPIGTrainer(Trainer):
         peft_config (`peft.PeftConfig`, *optional*):
             Wrap ``model`` with ``peft.get_peft_model(model, peft_config)`` (as TRL does).
             Needed by ``previous_model="adapter"`` unless ``model`` is a ``PeftModel`` already.
-        use_previous_model (`bool`, *optional*, defaults to `True`):
+        use_teacher (`bool`, *optional*, defaults to `True`):
             Whether a previous-stage model exists. Algorithm 1 freezes ``M_{t-1}`` at every
             stage, the first included (where it is the foundation model), so the default takes
             ``model`` as passed in as ``M_{t-1}``. ``False``: no teacher, the JSD term is 0 and
             every step costs an SFT step (no masked pass).
 
-    Previous-model lifecycle (``KPIGConfig.previous_model``): the constructor snapshots ``model``
+    Teacher lifecycle (``KPIGConfig.previous_model``): the constructor snapshots ``model``
     as ``M_{t-1}`` -- a frozen copy (``"copy"``) or a frozen copy of the active adapter
     (``"adapter"``); the ``"cached"`` mode builds its top-k cache when ``train()`` starts, before
     any update, then keeps no model. For a new stage, either build a new trainer with the
     trained model (simplest: fresh optimizer and schedule), or call
-    :meth:`snapshot_previous_model` and train again. :meth:`release_previous_model` frees it.
+    :meth:`snapshot_teacher` and train again. :meth:`release_teacher` frees it.
 
     The batch is the KPIG collator's (see :mod:`kpig_trainer.kpig.info_gain`); without a
     ``data_collator`` the trainer builds ``KPIGDataCollator(processing_class, ...)`` from the config.
@@ -87,7 +119,7 @@ class KPIGTrainer(Trainer):
         preprocess_logits_for_metrics: Callable | None = None,
         *,
         peft_config: Any = None,
-        use_previous_model: bool = True,
+        use_teacher: bool = True,
     ):
         if model_init is not None:
             raise ValueError("KPIGTrainer does not support model_init: pass the model (M_{t-1}) itself")
@@ -139,10 +171,11 @@ class KPIGTrainer(Trainer):
         self._metric_sums: dict[str, torch.Tensor | None] = {"train": None, "eval": None}
         self._announced: set[str] = set()
         self._twins_checked = False
-        self._previous: PreviousModel = make_previous_model(self.args.previous_model, self._teacher_context())
-        self.use_previous_model = use_previous_model
-        if use_previous_model and self.args.previous_model != "cached":
-            self._previous.snapshot()
+        self._plans: dict[tuple, StepPlan] = {}
+        self._teacher: Teacher = make_teacher(self.args.previous_model, self._teacher_context())
+        self.use_teacher = use_teacher
+        if use_teacher and self.args.previous_model != "cached":
+            self._teacher.snapshot()
 
     def _teacher_context(self) -> TeacherContext:
         """This trainer as its teacher sees it (the model and data are read when needed: the
@@ -170,12 +203,12 @@ class KPIGTrainer(Trainer):
     # ----------------------------------------------------------------------------------------
 
     @property
-    def previous_model(self) -> PreviousModel:
+    def teacher(self) -> Teacher:
         """The previous-stage model holder (``.mode``, ``.ready``; ``.model`` in ``"copy"`` mode,
         ``.cache`` in ``"cached"`` mode)."""
-        return self._previous
+        return self._teacher
 
-    def snapshot_previous_model(self) -> None:
+    def snapshot_teacher(self) -> None:
         """Take the current weights as the frozen previous-stage model ``M_{t-1}``.
 
         Call at a stage boundary, before training on the new stage (Algorithm 1, lines 10-11).
@@ -183,19 +216,19 @@ class KPIGTrainer(Trainer):
         into the frozen ``kpig_previous`` adapter, ``"cached"`` rebuilds the top-k cache over the
         current ``train_dataset`` (set it first). Also turns the JSD term on.
         """
-        self._previous.snapshot()
-        self.use_previous_model = True
+        self._teacher.snapshot()
+        self.use_teacher = True
 
-    def release_previous_model(self) -> None:
+    def release_teacher(self) -> None:
         """Free the previous-stage model (copy, adapter or cache); the JSD term becomes 0."""
-        self._previous.release()
-        self.use_previous_model = False
+        self._teacher.release()
+        self.use_teacher = False
 
     def train(self, *args, **kwargs):
         # The cached teacher is M_{t-1}: build it before any update (and before a checkpoint of
         # a later step is loaded on resume).
-        if self.use_previous_model and self.args.jsd_weight > 0:
-            self._previous.prepare()
+        if self.use_teacher and self.args.jsd_weight > 0:
+            self._teacher.prepare()
         return super().train(*args, **kwargs)
 
     # ----------------------------------------------------------------------------------------
@@ -218,18 +251,15 @@ class KPIGTrainer(Trainer):
         """
         args = self.args
         mode = "train" if model.training else "eval"
-        if self.use_previous_model and args.jsd_weight > 0 and not self._previous.ready and mode == "train":
-            self._previous.prepare()
-        jsd_active = self._jsd_active()
-        jsd_twin = args.jsd_on
-        want_ig = args.always_log_info_gain or (jsd_active and args.use_temperature)
-        ig_from_previous = jsd_active and args.ig_source == "previous" and want_ig
-        student_twins = ["full", "masked"] if jsd_active and jsd_twin == "masked" else ["full"]
-        need_masked = "masked" in student_twins or want_ig
+        if self.use_teacher and args.jsd_weight > 0 and not self._teacher.ready and mode == "train":
+            self._teacher.prepare()
+        plan = self._step_plan(self._jsd_active())
+        jsd_active, jsd_twin, student_twins = plan.jsd, plan.jsd_twin, plan.student_twins
+        want_ig, ig_from_previous = plan.want_ig, plan.ig_from_previous
 
         full_info = None  # Info of the full twin under the current model, when taken early
         response_only = args.response_logits_only and not return_outputs
-        batch = TwinBatch.from_inputs(inputs, response_only, need_masked=need_masked)
+        batch = TwinBatch.from_inputs(inputs, response_only, need_masked=plan.need_masked)
         if batch.masked is not None and not self._twins_checked and mode == "train":
             check_twin_labels(batch.full.labels, batch.masked.labels)  # once: the collator's contract
             self._twins_checked = True
@@ -265,7 +295,7 @@ class KPIGTrainer(Trainer):
 
         targets: TeacherTargets | None = None
         if jsd_active:
-            targets = self._previous.targets(batch, jsd_twin, ig_from_previous, strict=mode == "train")
+            targets = self._teacher.targets(batch, jsd_twin, ig_from_previous, strict=mode == "train")
             if targets is None:
                 jsd_active = False
                 self._announce("cache-miss", "KPIG: eval batches outside the teacher cache get no JSD term.")
@@ -274,7 +304,7 @@ class KPIGTrainer(Trainer):
             info_gain = self._current_info_gain(model, batch, logits, full_info)
         temperature = None
         if info_gain is not None:
-            temperature = ig_temperature(info_gain) if args.use_temperature else torch.ones_like(info_gain)
+            temperature = ig_temperature(info_gain) if plan.temperature else torch.ones_like(info_gain)
 
         jsd_sum = ce_sum.new_zeros(())
         if jsd_active:
@@ -297,15 +327,23 @@ class KPIGTrainer(Trainer):
         finally:
             self._in_training_step = False
 
+    def _step_plan(self, jsd_active: bool) -> StepPlan:
+        args = self.args
+        key = (jsd_active, args.jsd_on, args.always_log_info_gain, args.use_temperature, args.ig_source)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = StepPlan.resolve(args, jsd_active)
+        return plan
+
     def _forward(self, model, twins) -> list[torch.Tensor]:
         return forward_twins(model, twins, fuse=self._fuse_twins, logits_to_keep=self._logits_to_keep)
 
     def _jsd_active(self) -> bool:
-        return self.args.jsd_weight > 0 and self.use_previous_model and self._previous.ready
+        return self.args.jsd_weight > 0 and self.use_teacher and self._teacher.ready
 
     def _jsd_sum(self, student_logits, labels, targets: TeacherTargets, temperature) -> torch.Tensor:
         args = self.args
-        temperature = temperature if args.use_temperature else 1.0
+        temperature = 1.0 if temperature is None else temperature
         if targets.logits is not None:
             return kpig_jsd(
                 student_logits, targets.logits, labels, temperature, log_base=args.jsd_log_base,
@@ -382,10 +420,10 @@ class KPIGTrainer(Trainer):
     def _announce_no_jsd(self) -> None:
         if self.args.jsd_weight == 0:
             self._announce("no-jsd", "KPIG: jsd_weight=0 ('w/o jsd'): the JSD term is 0; steps cost SFT steps")
-        elif not self.use_previous_model:
+        elif not self.use_teacher:
             self._announce(
                 "no-previous",
-                "KPIG: no previous-stage model (use_previous_model=False): the JSD term is 0 and logged as "
+                "KPIG: no previous-stage model (use_teacher=False): the JSD term is 0 and logged as "
                 "jsd=0; steps cost an SFT step.",
             )
 
@@ -431,10 +469,6 @@ def _default_collator(processing_class: Any, args: KPIGConfig) -> Callable:
         raise ValueError(
             "KPIGTrainer needs processing_class= (the tokenizer) to build its collator, or a data_collator"
         )
-    try:
-        from kpig_trainer.kpig.collator import KPIGDataCollator
-    except ImportError as error:
-        raise ImportError(
-            "kpig_trainer.kpig.collator.KPIGDataCollator is unavailable; pass data_collator="
-        ) from error
-    return KPIGDataCollator(processing_class, mask_token=args.mask_token, max_length=args.max_length)
+    from kpig_trainer.kpig.collator import build_collator
+
+    return build_collator(processing_class, args)

@@ -1,5 +1,6 @@
 """Replay strategies: selection rules, scores against direct computation, two-process agreement."""
 
+import dataclasses
 import math
 import os
 
@@ -187,3 +188,38 @@ def test_similarity_strategies_follow_the_selector():
     assert mixed.tasks == expected and set(mixed.scores) == set(top3)
     with pytest.raises(ValueError, match="needs a model scorer"):
         get_replay_strategy("kpig+similarity").select(req)
+
+
+class NoKeyPartScorer(StubScorer):
+    """The table's IG, but None (no maskable key part) for the tasks in ``without``."""
+
+    def __init__(self, table, without):
+        super().__init__(table)
+        self.without = set(without)
+
+    def information_gain(self, instances):
+        values = super().information_gain(instances)
+        return [None if i.task in self.without else v for i, v in zip(instances, values)]
+
+
+def test_a_task_without_key_parts_is_never_replayed_for_its_ig(caplog):
+    table = {"t0": 0.5, "t1": 0.2, "t2": 0.9, "t3": 0.4, "t4": 0.7}
+    with caplog.at_level("WARNING", logger="kpig_trainer.continual.replay"):
+        choice = get_replay_strategy("kpig").select(request(m=2, n=3), NoKeyPartScorer(table, ["t1"]))
+    assert set(choice.tasks) == {"t3", "t0"}
+    assert "t1" not in choice.scores
+    assert "t1" in caplog.text and "maskable key part" in caplog.text
+
+
+def test_a_task_with_some_unmaskable_instances_is_ranked_by_the_others(tiny_model_and_tokenizer):
+    model, tokenizer = tiny_model_and_tokenizer
+    req = request(seen=["t0", "t1"], m=1, n=4)
+    req.candidates["t1"] = [dataclasses.replace(i, key_parts=[]) if k % 2 else i
+                            for k, i in enumerate(req.candidates["t1"])]
+    collator = KPIGDataCollator(tokenizer, max_length=256)
+    scorer = ModelScorer(model, collator, show_progress=False)
+    scores, samples = get_replay_strategy("kpig").task_scores(req, scorer)
+    kept = [i for i in samples["t1"] if i.key_parts]
+    assert 0 < len(kept) < len(samples["t1"])
+    direct = [information_gain(model, collator([i]), 0.3).item() for i in kept]
+    assert scores["t1"] == pytest.approx(sum(direct) / len(direct), abs=1e-5)

@@ -18,10 +18,10 @@ from kpig_trainer.kpig.teacher import (
     AdapterSnapshot,
     CachedTeacher,
     FrozenCopy,
-    PreviousModel,
+    Teacher,
     TeacherContext,
     TeacherTargets,
-    make_previous_model,
+    make_teacher,
     register_teacher_mode,
     teacher_modes,
 )
@@ -134,7 +134,7 @@ def test_cached_mode_stores_the_top_k_of_the_model_on_the_training_set(base, tmp
                                atol=1e-5, rtol=1e-4)
 
 
-class ConstantTeacher(PreviousModel):
+class ConstantTeacher(Teacher):
     """A custom mode: the teacher is the model's logits on the masked twin at snapshot time,
     remembered per batch by its ids (enough for a test of the registry)."""
 
@@ -170,7 +170,7 @@ def test_a_registered_mode_is_a_valid_previous_model(base, tmp_path, monkeypatch
     assert {"copy", "adapter", "cached", "test-constant"} <= set(teacher_modes())
     trainer = KPIGTrainer(copy.deepcopy(base[0]), args(tmp_path, previous_model="test-constant"),
                           processing_class=base[1])
-    assert isinstance(trainer.previous_model, ConstantTeacher) and trainer.previous_model.snapshots == 1
+    assert isinstance(trainer.teacher, ConstantTeacher) and trainer.teacher.snapshots == 1
     # The teacher saw the trainer's model through its context: same logits, JSD 0.
     batch = KPIGDataCollator(base[1])(ROWS[:4])
     trainer.model.train()
@@ -178,6 +178,6 @@ def test_a_registered_mode_is_a_valid_previous_model(base, tmp_path, monkeypatch
     sums = trainer._metric_sums["train"]
     assert sums[2].item() == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="registered: .*test-constant"):
-        make_previous_model("nope", context(base[0], tmp_path))
-    with pytest.raises(TypeError, match="PreviousModel subclass"):
+        make_teacher("nope", context(base[0], tmp_path))
+    with pytest.raises(TypeError, match="Teacher subclass"):
         register_teacher_mode(dict)

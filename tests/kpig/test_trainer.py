@@ -124,7 +124,7 @@ def config(tmp_path, **overrides):
     return KPIGConfig(**values)
 
 
-def make_trainer(base, tmp_path, *, model=None, lora=False, train_dataset=None, use_previous_model=True, **overrides):
+def make_trainer(base, tmp_path, *, model=None, lora=False, train_dataset=None, use_teacher=True, **overrides):
     model_, tokenizer = base
     model = copy.deepcopy(model if model is not None else model_)
     kwargs = {}
@@ -140,7 +140,7 @@ def make_trainer(base, tmp_path, *, model=None, lora=False, train_dataset=None, 
         config(tmp_path, **overrides),
         train_dataset=train_dataset,
         processing_class=tokenizer,
-        use_previous_model=use_previous_model,
+        use_teacher=use_teacher,
         **kwargs,
     )
 
@@ -233,7 +233,7 @@ def test_loss_matches_naive_reference(base, tmp_path, overrides):
     batch = hand_batch(base[1], SPECS)
     loss = loss_of(trainer, batch)
     expected, _, jsd, _ = ref_loss(
-        trainer.model, trainer.previous_model.model, batch,
+        trainer.model, trainer.teacher.model, batch,
         alpha=trainer.args.alpha, jsd_weight=trainer.args.jsd_weight,
         temperature=trainer.args.use_temperature, jsd_on=trainer.args.jsd_on, log_base=trainer.args.jsd_log_base,
     )
@@ -251,7 +251,7 @@ def test_ablations_change_exactly_what_they_claim(base, tmp_path):
         trainer = make_trainer(base, tmp_path, **overrides)
         perturb(trainer.model)
         losses[name] = loss_of(trainer, batch).item()
-        teacher = trainer.previous_model.model if trainer.previous_model.ready else None
+        teacher = trainer.teacher.model if trainer.teacher.ready else None
     student = trainer.model
     # w/o temp == the reference with T = 1 passed explicitly; w/o jsd == CE alone.
     _, ce, jsd_t1, _ = ref_loss(student, teacher, batch, temperature=False)
@@ -266,7 +266,7 @@ def test_ig_source_previous_uses_the_teachers_information_gain(base, tmp_path):
     perturb(trainer.model, scale=0.2)
     batch = hand_batch(base[1], SPECS)
     loss = loss_of(trainer, batch)
-    teacher = trainer.previous_model.model
+    teacher = trainer.teacher.model
     expected, *_ = ref_loss(trainer.model, teacher, batch, alpha=1.0, ig_model=teacher)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     logged = trainer._metric_sums["train"]
@@ -341,8 +341,8 @@ def test_jsd_weight_zero_matches_plain_trainer(base, tmp_path):
 
 
 def test_no_previous_model_costs_sft_and_logs_zero_jsd(base, tmp_path, caplog):
-    trainer = make_trainer(base, tmp_path, use_previous_model=False, train_dataset=ROWS, max_steps=2)
-    assert not trainer.previous_model.ready  # no copy was made
+    trainer = make_trainer(base, tmp_path, use_teacher=False, train_dataset=ROWS, max_steps=2)
+    assert not trainer.teacher.ready  # no copy was made
     rows = count_forward_rows(trainer.model)
     with caplog.at_level(logging.INFO, logger="kpig_trainer.kpig.trainer"):
         trainer.train()
@@ -387,7 +387,7 @@ def test_gradient_accumulation_two_halves_equal_one_full_batch(base, tmp_path, m
         if mode == "cached":  # a cache holding exactly this batch, built before the weights move
             trainer.data_collator = lambda features: features[0]
             trainer.args.per_device_eval_batch_size = 1
-            trainer.previous_model.prepare()
+            trainer.teacher.prepare()
         perturb(trainer.model)
         trainer.current_gradient_accumulation_steps = steps  # as the training loop sets it
         trainer.model.zero_grad()
@@ -441,7 +441,7 @@ def test_each_mode_trains_and_logs(base, tmp_path, mode):
 
 def test_copy_teacher_is_frozen_gets_no_gradient_and_never_changes(base, tmp_path):
     trainer = make_trainer(base, tmp_path, train_dataset=ROWS, max_steps=3, learning_rate=1e-2, jsd_weight=1.0)
-    teacher = trainer.previous_model.model
+    teacher = trainer.teacher.model
     before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
     student_before = [p.detach().clone() for p in trainer.model.parameters()]
     trainer.train()
@@ -486,7 +486,7 @@ def test_adapter_snapshot_is_frozen_and_excluded_from_the_optimizer(base, tmp_pa
 
 def test_adapter_teacher_pass_is_the_base_model_and_restores_state_on_errors(base, tmp_path):
     trainer = make_trainer(base, tmp_path, lora=True, previous_model="adapter")
-    model, holder = trainer.model, trainer.previous_model
+    model, holder = trainer.model, trainer.teacher
     perturb(model)  # the training adapter moves; the snapshot (fresh LoRA: B = 0) is the base model
     batch = hand_batch(base[1], SPECS)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
@@ -510,11 +510,11 @@ def test_snapshot_previous_model_takes_the_current_weights(base, tmp_path, mode)
     trainer = make_trainer(base, tmp_path, lora=mode == "adapter", previous_model=mode, train_dataset=[0])
     batch = hand_batch(base[1], SPECS)
     trainer.data_collator = lambda features: batch
-    trainer.previous_model.prepare()  # "cached": build the cache before the weights move
+    trainer.teacher.prepare()  # "cached": build the cache before the weights move
     perturb(trainer.model)
     assert loss_of(trainer, dict(batch)).item() > 0 and trainer._metric_sums["train"][2] > 0
     trainer._metric_sums["train"] = None
-    trainer.snapshot_previous_model()  # stage boundary: M_{t-1} := current weights
+    trainer.snapshot_teacher()  # stage boundary: M_{t-1} := current weights
     loss_of(trainer, dict(batch))
     assert trainer._metric_sums["train"][2].item() == pytest.approx(0.0, abs=1e-6)  # JSD(student, itself)
 
@@ -526,7 +526,7 @@ def test_cached_jsd_within_tolerance_of_exact_jsd(base, tmp_path):
     for mode, k in (("copy", 64), ("cached", vocab), ("cached", 64)):
         trainer = make_trainer(base, tmp_path / f"{mode}{k}", previous_model=mode, teacher_topk=k, train_dataset=[0])
         trainer.data_collator = lambda features: batch
-        trainer.previous_model.prepare()
+        trainer.teacher.prepare()
         perturb(trainer.model, scale=0.1)
         loss_of(trainer, dict(batch))
         sums = trainer._metric_sums["train"]
@@ -543,13 +543,13 @@ def test_cached_mode_layout_and_no_model_in_memory(base, tmp_path):
         base, tmp_path, previous_model="cached", ig_source="previous", train_dataset=ROWS, max_steps=1,
         teacher_topk=8,
     )
-    assert not trainer.previous_model.ready  # built when train() starts
+    assert not trainer.teacher.ready  # built when train() starts
     collator = trainer.data_collator
     expected_ig = information_gain(trainer.model, collator(ROWS[:4]), trainer.args.alpha)
     trainer.train()
-    cache = trainer.previous_model.cache
+    cache = trainer.teacher.cache
     assert isinstance(cache, TeacherCache) and len(cache) == len(ROWS)
-    assert not hasattr(trainer.previous_model, "model")  # no second model is kept
+    assert not hasattr(trainer.teacher, "model")  # no second model is kept
     files = sorted(p.name for p in cache.directory.iterdir())
     assert files == ["part-00000.index.json", "part-00000.indices.i32", "part-00000.logprobs.f32"]
     batch = collator(ROWS[:4])
@@ -595,7 +595,7 @@ def test_constructor_defaults_and_errors(base, tmp_path):
     assert trainer.model_accepts_loss_kwargs
 
     plain_args = TrainingArguments(output_dir=str(tmp_path / "p"), report_to=[], use_cpu=True, remove_unused_columns=True)
-    converted = KPIGTrainer(copy.deepcopy(model), plain_args, processing_class=tokenizer, use_previous_model=False)
+    converted = KPIGTrainer(copy.deepcopy(model), plain_args, processing_class=tokenizer, use_teacher=False)
     assert isinstance(converted.args, KPIGConfig) and converted.args.remove_unused_columns is False
 
     with pytest.raises(ValueError, match="previous_model='adapter' needs a PEFT model"):
@@ -627,3 +627,38 @@ def test_batch_without_masked_twin_is_reported(base, tmp_path):
     batch = hand_batch(base[1], SPECS)
     with pytest.raises(KeyError, match="masked_input_ids"):
         loss_of(trainer, {k: batch[k] for k in ("input_ids", "attention_mask", "labels")})
+
+
+@pytest.mark.parametrize("jsd_active", [False, True])
+@pytest.mark.parametrize("jsd_on", ["masked", "full"])
+@pytest.mark.parametrize("use_temperature", [False, True])
+@pytest.mark.parametrize("always_log", [False, True])
+@pytest.mark.parametrize("ig_source", ["current", "previous"])
+def test_step_plan_follows_the_decision_table(jsd_active, jsd_on, use_temperature, always_log, ig_source):
+    from types import SimpleNamespace
+
+    from kpig_trainer.kpig.trainer import StepPlan
+
+    args = SimpleNamespace(jsd_on=jsd_on, use_temperature=use_temperature, always_log_info_gain=always_log,
+                           ig_source=ig_source)
+    plan = StepPlan.resolve(args, jsd_active)
+    # Written out case by case, as the paper's loss reads: IG is needed for the temperature of an
+    # active JSD term, or when asked to log it; the masked twin runs with gradients only when the
+    # JSD compares on it.
+    wants_ig = always_log or (jsd_active and use_temperature)
+    assert plan.want_ig is wants_ig
+    assert plan.student_twins == (("full", "masked") if jsd_active and jsd_on == "masked" else ("full",))
+    assert plan.need_masked is (wants_ig or (jsd_active and jsd_on == "masked"))
+    assert plan.ig_from_previous is (jsd_active and wants_ig and ig_source == "previous")
+    assert plan.temperature is use_temperature and plan.jsd is jsd_active
+
+
+def test_the_step_plan_is_resolved_once_per_configuration(tiny_model_and_tokenizer, tmp_path):
+    model, tokenizer = tiny_model_and_tokenizer
+    trainer = KPIGTrainer(model=copy.deepcopy(model), args=KPIGConfig(output_dir=str(tmp_path), report_to=[]),
+                          processing_class=tokenizer)
+    first = trainer._step_plan(True)
+    assert trainer._step_plan(True) is first
+    trainer.args.use_temperature = False
+    assert trainer._step_plan(True) is not first and not trainer._step_plan(True).temperature
+    assert len(trainer._plans) == 2

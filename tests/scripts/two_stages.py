@@ -33,7 +33,7 @@ def main(model_dir: str, mode: str, out: str) -> None:
     first = KPIGTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
     loss1 = first.train().training_loss
     second = KPIGTrainer(model=first.model, args=config(3), train_dataset=data, processing_class=tokenizer)
-    teacher = second.previous_model.model if mode == "copy" else None
+    teacher = second.teacher.model if mode == "copy" else None
     checksum = None
     if teacher is not None:
         inner = second.accelerator.unwrap_model(teacher)
