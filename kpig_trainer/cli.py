@@ -13,6 +13,9 @@ from kpig_trainer.data.records import DataError
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kpig", description="Continual instruction tuning with KPIG.")
     commands = parser.add_subparsers(dest="command", required=True)
+    # Listed here for `kpig --help`; main() hands its arguments to kpig_trainer.train untouched.
+    commands.add_parser("train", help="run (or resume) a continual stream from a recipe; `kpig train --help`",
+                        add_help=False)
 
     data = commands.add_parser("data", help="inspect tasks and streams")
     data_commands = data.add_subparsers(dest="data_command", required=True)
@@ -36,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        from kpig_trainer.train import main as train
+
+        return train(argv[1:])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:

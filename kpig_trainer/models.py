@@ -100,12 +100,13 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     return name
 
 
-def load_model_and_tokenizer(name_or_path: str | os.PathLike, dtype=None, **kwargs):
+def load_model_and_tokenizer(name_or_path: str | os.PathLike, dtype=None, revision: str | None = None, **kwargs):
     """Load ``(model, tokenizer)`` for a causal LM, resolving embedded aliases first.
 
     Args:
         name_or_path: an embedded alias (see `resolve_model_path`), a local path or a Hub id.
         dtype: passed to ``from_pretrained``; ``None`` keeps transformers' default (the checkpoint's dtype).
+        revision: the Hub revision of model and tokenizer (ignored for aliases and local paths).
         **kwargs: further ``AutoModelForCausalLM.from_pretrained`` arguments.
 
     The tokenizer gets ``pad_token = eos_token`` when it has no pad token, and the model config
@@ -114,7 +115,9 @@ def load_model_and_tokenizer(name_or_path: str | os.PathLike, dtype=None, **kwar
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    if revision is not None and not os.path.isdir(path):
+        kwargs["revision"] = revision
+    tokenizer = AutoTokenizer.from_pretrained(path, **({"revision": kwargs["revision"]} if "revision" in kwargs else {}))
     if dtype is not None:
         kwargs["dtype"] = dtype
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)

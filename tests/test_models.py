@@ -93,7 +93,7 @@ def test_same_seed_same_weights_different_seed_different_and_global_rng_untouche
 
 def test_tiny_llama_builds_fast():
     testing.tiny_llama(seed=0)  # import transformers' Llama code first: that is a one-off process cost
-    models._trained_tokenizer_json.cache_clear()
+    testing._trained_tokenizer_json.cache_clear()
     start = time.perf_counter()
     testing.tiny_llama(seed=7)
     assert time.perf_counter() - start < 2.0

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from kpig_trainer.continual.arguments import METHODS
-from kpig_trainer.recipes import parse_run_args, read_recipe
+from kpig_trainer.train import parse_run_args, read_recipe
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 RUN_RECIPES = sorted(p for p in RECIPES.rglob("*.yaml") if p.parent.name != "accelerate")

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trl import ModelConfig
+
 from kpig_trainer.data import Stream, load_benchmark, load_tasks
 from kpig_trainer.data.records import DataError
 
@@ -16,9 +18,18 @@ METHODS = ("kpig", "sft", "lora", "l2", "ewc", "multi", "init")  # built in; mor
 EVAL_TASKS = ("all", "trained", "final")
 
 
+# trl.ModelConfig fields that ContinualArguments did not have before it took them from TRL.
+MODEL_CONFIG_OPTIONS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name not in {
+    "model_name_or_path", "use_peft", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"})
+
+
 @dataclass
-class ContinualArguments:
+class ContinualArguments(ModelConfig):
     """What to run: model, data, stream, method, replay and checkpoints.
+
+    The model and LoRA options are TRL's (:class:`trl.ModelConfig`: ``model_name_or_path``,
+    ``model_revision``, ``dtype``, ``attn_implementation``, ``use_peft``, ``lora_r``, ...), with
+    the embedded SmolLM2 as the default model and rank-8 adapters as the default LoRA.
 
     Training hyperparameters (learning rate, batch size, ``alpha``, ``jsd_weight``, ``replay_tasks``
     M, ``replay_instances`` N, ``previous_model``, ``output_dir`` = the run directory, ...) live
@@ -72,6 +83,7 @@ class ContinualArguments:
     judge_cache: str | None = field(default=None, metadata={"help": "JSONL file of judge verdicts, reused across runs (default: judge_cache.jsonl in the run directory)."})
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         method = self.method_class  # raises for an unknown method, naming the registered ones
         if method.uses_peft:
             self.use_peft = True

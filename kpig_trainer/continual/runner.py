@@ -30,7 +30,7 @@ import torch
 
 from kpig_trainer.continual.callbacks import LogRecordsCallback, ReplayCallback
 from kpig_trainer.kpig.config import KPIGConfig
-from kpig_trainer.continual.arguments import METHODS, ContinualArguments, load_stream
+from kpig_trainer.continual.arguments import METHODS, MODEL_CONFIG_OPTIONS, ContinualArguments, load_stream
 from kpig_trainer.data import Instance, Stream
 from kpig_trainer.fileio import atomic_write_json
 from kpig_trainer.continual.methods import ContinualMethod, RegularizedKPIGTrainer, get_method
@@ -46,8 +46,9 @@ logger = logging.getLogger(__name__)
 _LOGGERS = ("kpig_trainer", "transformers")  # copied to logs/run.log
 _JUDGE_OPTIONS = ("judge_base_url", "judge_model", "judge_api_key_env", "judge_cache")  # see fingerprint()
 #: Options added after runs were made: at their defaults they leave the hash as it was.
+# Options added after the first runs; at their defaults they leave a run's fingerprint as it was.
 _LATER_OPTIONS = ("test_sampling", "seen_tasks", "held_out_tasks", "eval_tasks", "eval_init", "eval_split",
-                  "validation_size")
+                  "validation_size", *MODEL_CONFIG_OPTIONS)
 
 def _rows(instances: list[Instance]) -> list[dict[str, Any]]:
     return [{"id": i.id, "task": i.task, "instruction": i.instruction, "input": i.input,
@@ -135,25 +136,37 @@ class ContinualRunner:
 
     # -- model ---------------------------------------------------------------------------
 
+    def _model_kwargs(self) -> dict[str, Any]:
+        """``from_pretrained`` options from the model options (``trl.ModelConfig`` fields)."""
+        args = self.args
+        if args.load_in_8bit or args.load_in_4bit:
+            raise ValueError("load_in_8bit / load_in_4bit: the continual runner does not train quantized models")
+        kwargs: dict[str, Any] = {"dtype": args.dtype if args.dtype in (None, "auto") else getattr(torch, args.dtype)}
+        if args.attn_implementation:
+            kwargs["attn_implementation"] = args.attn_implementation
+        return kwargs
+
     def _load_model(self) -> None:
+        from trl import get_peft_config
+
         from kpig_trainer.models import load_model_and_tokenizer
 
         done = self.state.completed
         source = self.dir.model_dir(done - 1) if done > 0 else None
+        base_options = {**self._model_kwargs(), "revision": self.args.model_revision}
         if source is not None and self.args.use_peft:
             from peft import PeftModel
 
-            base, self.tokenizer = load_model_and_tokenizer(self.args.model_name_or_path, dtype=torch.float32)
+            base, self.tokenizer = load_model_and_tokenizer(self.args.model_name_or_path, **base_options)
             self.model = PeftModel.from_pretrained(base, str(source), is_trainable=True)
         else:
+            options = base_options if source is None else self._model_kwargs()
             self.model, self.tokenizer = load_model_and_tokenizer(str(source or self.args.model_name_or_path),
-                                                                  dtype=torch.float32)
+                                                                  **options)
             if self.args.use_peft and self.method.trains:
-                from peft import LoraConfig, get_peft_model
+                from peft import get_peft_model
 
-                self.model = get_peft_model(self.model, LoraConfig(
-                    r=self.args.lora_r, lora_alpha=self.args.lora_alpha, lora_dropout=self.args.lora_dropout,
-                    target_modules=self.args.lora_target_modules, task_type="CAUSAL_LM"))
+                self.model = get_peft_model(self.model, get_peft_config(self.args))
         if done > 0 and self.dir.extra_path(done - 1).exists():
             self.method.load_state_dict(torch.load(self.dir.extra_path(done - 1), weights_only=False))
 

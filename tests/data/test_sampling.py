@@ -179,9 +179,12 @@ def test_run_fingerprint_covers_the_option(tmp_path, tmp_path_factory, monkeypat
 
     default = runner("a")
     # The hash of a run from before the option existed: every field but test_sampling and those
-    # added after it (the judge's, the evaluation schedule's and the stream's task lists).
+    # added after it (the judge's, the evaluation schedule's, the stream's task lists and the model options
+    # that came with trl.ModelConfig).
+    from kpig_trainer.continual.arguments import MODEL_CONFIG_OPTIONS
+
     later = {"test_sampling", "judge_base_url", "judge_model", "judge_api_key_env", "judge_cache", "seen_tasks",
-             "held_out_tasks", "eval_tasks", "eval_init", "eval_split", "validation_size"}
+             "held_out_tasks", "eval_tasks", "eval_init", "eval_split", "validation_size", *MODEL_CONFIG_OPTIONS}
     fields = {k: v for k, v in dataclasses.asdict(default.args).items() if k not in later}
     training = {k: v for k, v in default.training_args.to_dict().items()
                 if k not in {"output_dir", "logging_dir", "logging_steps", "save_steps", "report_to", "disable_tqdm",

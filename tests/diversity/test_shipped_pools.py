@@ -18,7 +18,7 @@ from kpig_trainer.data.masking import find_key_part_spans
 from kpig_trainer.data.records import DataError
 from kpig_trainer.diversity import SHIPPED_POOLS_DIR, load_pools, load_run_pools, normalize_instruction
 from kpig_trainer.diversity import shipped
-from kpig_trainer.recipes import parse_run_args
+from kpig_trainer.train import parse_run_args
 
 ROOT = Path(__file__).resolve().parents[2]
 POOL_DIR = ROOT / "kpig_trainer" / "benchmark" / "superni_kpig" / "pools"
