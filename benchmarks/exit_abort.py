@@ -49,9 +49,23 @@ def free_port() -> int:
 def launch(script: Path, mode: str) -> tuple[int, bool]:
     """Exit code of the launcher and whether a rank aborted."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", str(free_port()), str(script), mode],
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            str(script),
+            mode,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     output = result.stdout + result.stderr
     return result.returncode, "terminate called" in output or "SIGABRT" in output
 
@@ -70,16 +84,27 @@ def main(argv=None) -> int:
                 code, abort = launch(script, mode)
                 failed += code != 0
                 aborted += abort
-            results[mode] = {"label": label, "runs": args.runs, "failed": failed, "aborted": aborted,
-                             "seconds": round(time.perf_counter() - began, 1)}
+            results[mode] = {
+                "label": label,
+                "runs": args.runs,
+                "failed": failed,
+                "aborted": aborted,
+                "seconds": round(time.perf_counter() - began, 1),
+            }
             print(f"{label}: {aborted}/{args.runs} aborted, {failed}/{args.runs} non-zero exits", flush=True)
     import torch
 
     record = {"torch": torch.__version__, "python": sys.version.split()[0], "results": results}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "exit_abort.json").write_text(json.dumps(record, indent=2) + "\n")
-    lines = ["# Exit aborts of a 2-process gloo run", "", f"torch {record['torch']}, Python {record['python']}.", "",
-             "| Exit | Runs | Aborted | Non-zero exits |", "| --- | ---: | ---: | ---: |"]
+    lines = [
+        "# Exit aborts of a 2-process gloo run",
+        "",
+        f"torch {record['torch']}, Python {record['python']}.",
+        "",
+        "| Exit | Runs | Aborted | Non-zero exits |",
+        "| --- | ---: | ---: | ---: |",
+    ]
     lines += [f"| {r['label']} | {r['runs']} | {r['aborted']} | {r['failed']} |" for r in results.values()]
     (RESULTS / "exit_abort.md").write_text("\n".join(lines) + "\n")
     return 0

@@ -90,13 +90,13 @@ def measure(opts: argparse.Namespace) -> dict:
     import torch
     from datasets import Dataset
 
-    from kpig_trainer.kpig.config import KPIGConfig
+    from kpig_trainer.continual.replay import ModelScorer, ReplayRequest, get_replay_strategy
     from kpig_trainer.data import load_benchmark
     from kpig_trainer.kpig.collator import KPIGDataCollator
+    from kpig_trainer.kpig.config import KPIGConfig
+    from kpig_trainer.kpig.trainer import KPIGTrainer
     from kpig_trainer.models import load_model_and_tokenizer
     from kpig_trainer.testing import tiny_llama
-    from kpig_trainer.continual.replay import ModelScorer, ReplayRequest, get_replay_strategy
-    from kpig_trainer.kpig.trainer import KPIGTrainer
 
     torch.set_num_threads(opts.threads)
     torch.manual_seed(opts.seed)
@@ -109,9 +109,16 @@ def measure(opts: argparse.Namespace) -> dict:
     if stage >= len(stream.stages):
         raise SystemExit(f"--seen-tasks {stage}: the stream has {len(stream.stages)} stages")
     seen = stream.seen_before(stage)
-    request = ReplayRequest(stage=stage, seen_tasks=seen, next_tasks=list(stream.stages[stage].tasks),
-                            candidates={t: stream.train[t] for t in seen}, num_tasks=opts.replay_tasks,
-                            num_instances=opts.replay_instances, seed=opts.seed, tasks=stream.tasks)
+    request = ReplayRequest(
+        stage=stage,
+        seen_tasks=seen,
+        next_tasks=list(stream.stages[stage].tasks),
+        candidates={t: stream.train[t] for t in seen},
+        num_tasks=opts.replay_tasks,
+        num_instances=opts.replay_instances,
+        seed=opts.seed,
+        tasks=stream.tasks,
+    )
     collator = KPIGDataCollator(tokenizer, max_length=opts.max_length)
     scorer = ModelScorer(model, collator, batch_size=opts.score_batch_size, show_progress=True)
     strategy = get_replay_strategy("kpig")
@@ -127,13 +134,28 @@ def measure(opts: argparse.Namespace) -> dict:
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as workdir:
         args = KPIGConfig(
-            output_dir=workdir, per_device_train_batch_size=opts.batch_size, max_steps=opts.train_steps + 1,
-            learning_rate=2e-5, lr_scheduler_type="constant", report_to=[], save_strategy="no",
-            logging_steps=1000, disable_tqdm=True, seed=opts.seed, max_length=opts.max_length,
-            previous_model=opts.previous_model, use_cpu=True, dataloader_num_workers=0,
+            output_dir=workdir,
+            per_device_train_batch_size=opts.batch_size,
+            max_steps=opts.train_steps + 1,
+            learning_rate=2e-5,
+            lr_scheduler_type="constant",
+            report_to=[],
+            save_strategy="no",
+            logging_steps=1000,
+            disable_tqdm=True,
+            seed=opts.seed,
+            max_length=opts.max_length,
+            previous_model=opts.previous_model,
+            use_cpu=True,
+            dataloader_num_workers=0,
         )
-        trainer = KPIGTrainer(model=model, args=args, train_dataset=Dataset.from_list([i.to_dict() for i in instances]),
-                              processing_class=tokenizer, callbacks=[timer.callback])
+        trainer = KPIGTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list([i.to_dict() for i in instances]),
+            processing_class=tokenizer,
+            callbacks=[timer.callback],
+        )
         trainer.train()
     step = statistics.median(timer.steps[1:])  # the first step is the warm-up
     training = step * steps_per_stage
@@ -172,28 +194,30 @@ def measure(opts: argparse.Namespace) -> dict:
 
 
 def markdown(r: dict) -> str:
-    return "\n".join([
-        f"# Replay scoring cost ({r['model']}, {r['threads']} CPU threads, max_length {r['max_length']})",
-        "",
-        f"Boundary before stage {r['boundary_stage']} of the shipped SuperNI stream (ST order): "
-        f"{r['seen_tasks']} seen tasks, M = {r['M']}, N = {r['N']}.",
-        "",
-        "| | value |",
-        "|---|---:|",
-        f"| instances scored (2 no-grad forwards each) | {r['scored_instances']} |",
-        f"| scoring wall time | {r['scoring_seconds']:.1f} s ({r['scoring_seconds_per_instance']:.2f} s / instance) |",
-        f"| stage {r['boundary_stage']} training set ({r['stage_task']} + replay) | {r['stage_instances']} instances, "
-        f"{r['stage_steps']} steps of {r['batch_size']} |",
-        f"| KPIG step (median of {len(r['step_seconds']) - 1}, previous model `{r['previous_model']}`) | "
-        f"{r['step_seconds_median']:.2f} s |",
-        f"| stage training (steps x median step) | {r['stage_training_seconds']:.0f} s |",
-        f"| **scoring share of the stage** | **{100 * r['share']:.1f}%** |",
-        f"| stage of the paper's size ({r['paper_stage_instances']} instances) | "
-        f"{r['paper_stage_training_seconds']:.0f} s of training, scoring share **{100 * r['paper_share']:.1f}%** |",
-        "",
-        f"Replayed: {', '.join(r['replayed'])}.",
-        "",
-    ])
+    return "\n".join(
+        [
+            f"# Replay scoring cost ({r['model']}, {r['threads']} CPU threads, max_length {r['max_length']})",
+            "",
+            f"Boundary before stage {r['boundary_stage']} of the shipped SuperNI stream (ST order): "
+            f"{r['seen_tasks']} seen tasks, M = {r['M']}, N = {r['N']}.",
+            "",
+            "| | value |",
+            "|---|---:|",
+            f"| instances scored (2 no-grad forwards each) | {r['scored_instances']} |",
+            f"| scoring wall time | {r['scoring_seconds']:.1f} s ({r['scoring_seconds_per_instance']:.2f} s / instance) |",
+            f"| stage {r['boundary_stage']} training set ({r['stage_task']} + replay) | {r['stage_instances']} instances, "
+            f"{r['stage_steps']} steps of {r['batch_size']} |",
+            f"| KPIG step (median of {len(r['step_seconds']) - 1}, previous model `{r['previous_model']}`) | "
+            f"{r['step_seconds_median']:.2f} s |",
+            f"| stage training (steps x median step) | {r['stage_training_seconds']:.0f} s |",
+            f"| **scoring share of the stage** | **{100 * r['share']:.1f}%** |",
+            f"| stage of the paper's size ({r['paper_stage_instances']} instances) | "
+            f"{r['paper_stage_training_seconds']:.0f} s of training, scoring share **{100 * r['paper_share']:.1f}%** |",
+            "",
+            f"Replayed: {', '.join(r['replayed'])}.",
+            "",
+        ]
+    )
 
 
 def main(argv=None) -> None:

@@ -53,10 +53,20 @@ CONFIGS = {
     "copy": {"kind": "kpig", "lora": False, "previous_model": "copy", "baseline": "sft"},
     "cached": {"kind": "kpig", "lora": False, "previous_model": "cached", "baseline": "sft"},
     "adapter": {"kind": "kpig", "lora": True, "previous_model": "adapter", "baseline": "sft-lora"},
-    "copy-separate": {"kind": "kpig", "lora": False, "previous_model": "copy", "baseline": "sft", "twin_passes": "separate"},
+    "copy-separate": {
+        "kind": "kpig",
+        "lora": False,
+        "previous_model": "copy",
+        "baseline": "sft",
+        "twin_passes": "separate",
+    },
     "copy-fused": {"kind": "kpig", "lora": False, "previous_model": "copy", "baseline": "sft", "twin_passes": "fused"},
     "copy-all-logits": {
-        "kind": "kpig", "lora": False, "previous_model": "copy", "baseline": "sft", "response_logits_only": False,
+        "kind": "kpig",
+        "lora": False,
+        "previous_model": "copy",
+        "baseline": "sft",
+        "response_logits_only": False,
     },
 }
 BATCH_SIZE = 4
@@ -112,15 +122,23 @@ def lora_config():
 def build_trainer(name: str, model, tokenizer, rows, workdir: str, max_steps: int = 1):
     from transformers import Trainer, TrainingArguments
 
-    from kpig_trainer.kpig.config import KPIGConfig
     from kpig_trainer.kpig.collator import KPIGDataCollator
+    from kpig_trainer.kpig.config import KPIGConfig
     from kpig_trainer.kpig.trainer import KPIGTrainer
 
     spec = CONFIGS[name]
     common = dict(
-        output_dir=os.path.join(workdir, name), report_to=[], use_cpu=True, save_strategy="no",
-        per_device_train_batch_size=BATCH_SIZE, per_device_eval_batch_size=BATCH_SIZE, max_steps=max_steps,
-        logging_steps=1, disable_tqdm=True, remove_unused_columns=False, learning_rate=1e-5,
+        output_dir=os.path.join(workdir, name),
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        per_device_train_batch_size=BATCH_SIZE,
+        per_device_eval_batch_size=BATCH_SIZE,
+        max_steps=max_steps,
+        logging_steps=1,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        learning_rate=1e-5,
     )
     model = copy.deepcopy(model)
     if spec["kind"] == "sft":
@@ -129,15 +147,24 @@ def build_trainer(name: str, model, tokenizer, rows, workdir: str, max_steps: in
 
             model = get_peft_model(model, lora_config())
         return Trainer(
-            model, TrainingArguments(**common), train_dataset=rows, processing_class=tokenizer,
+            model,
+            TrainingArguments(**common),
+            train_dataset=rows,
+            processing_class=tokenizer,
             data_collator=KPIGDataCollator(tokenizer, max_length=None, with_masked=False),
         )
     args = KPIGConfig(
-        **common, previous_model=spec["previous_model"], max_length=None,
-        response_logits_only=spec.get("response_logits_only", True), twin_passes=spec.get("twin_passes", "auto"),
+        **common,
+        previous_model=spec["previous_model"],
+        max_length=None,
+        response_logits_only=spec.get("response_logits_only", True),
+        twin_passes=spec.get("twin_passes", "auto"),
     )
     return KPIGTrainer(
-        model, args, train_dataset=rows, processing_class=tokenizer,
+        model,
+        args,
+        train_dataset=rows,
+        processing_class=tokenizer,
         peft_config=lora_config() if spec["lora"] else None,
     )
 
@@ -227,10 +254,24 @@ def time_model(model_name: str, warmup: int, repeats: int, n_batches: int) -> di
     # Each KPIG step is timed next to its baseline and its floor passes, so that the per-round
     # ratios compare measurements taken under the same machine load.
     order = [
-        "step:sft", "step:copy", "pass:fb_full", "pass:fb_masked", "pass:teacher_fwd",
-        "step:cached", "pass:cache_lookup", "step:copy-separate", "step:copy-fused",
-        "step:sft-lora", "step:adapter", "pass:fb_full_lora", "pass:fb_masked_lora", "pass:teacher_fwd_lora",
-        "step:copy-all-logits", "pass:fb_full_all_logits", "pass:fb_masked_all_logits", "pass:teacher_fwd_all_logits",
+        "step:sft",
+        "step:copy",
+        "pass:fb_full",
+        "pass:fb_masked",
+        "pass:teacher_fwd",
+        "step:cached",
+        "pass:cache_lookup",
+        "step:copy-separate",
+        "step:copy-fused",
+        "step:sft-lora",
+        "step:adapter",
+        "pass:fb_full_lora",
+        "pass:fb_masked_lora",
+        "pass:teacher_fwd_lora",
+        "step:copy-all-logits",
+        "pass:fb_full_all_logits",
+        "pass:fb_masked_all_logits",
+        "pass:teacher_fwd_all_logits",
     ]
     jobs = {f"step:{name}": step(name) for name in CONFIGS} | {f"pass:{k}": v for k, v in passes.items()}
     assert sorted(order) == sorted(jobs)
@@ -249,8 +290,10 @@ def time_model(model_name: str, warmup: int, repeats: int, n_batches: int) -> di
         "median_s": {key: statistics.median(v) for key, v in samples.items()},
         "samples_s": samples,
         "batch": {
-            "size": BATCH_SIZE, "mean_full_tokens": statistics.mean(lengths),
-            "mean_masked_tokens": statistics.mean(masked_lengths), "mean_response_tokens": statistics.mean(responses),
+            "size": BATCH_SIZE,
+            "mean_full_tokens": statistics.mean(lengths),
+            "mean_masked_tokens": statistics.mean(masked_lengths),
+            "mean_response_tokens": statistics.mean(responses),
         },
     }
 
@@ -312,8 +355,18 @@ def measure_memory(model_name: str, steps: int, threads: int, names=None) -> dic
     peaks = {setting: {} for setting in ALLOCATORS}
     for name in names or CONFIGS:
         for setting, env in ALLOCATORS.items():
-            command = [sys.executable, __file__, "--memory-worker", name, "--model", model_name,
-                       "--memory-steps", str(steps), "--threads", str(threads)]
+            command = [
+                sys.executable,
+                __file__,
+                "--memory-worker",
+                name,
+                "--model",
+                model_name,
+                "--memory-steps",
+                str(steps),
+                "--threads",
+                str(threads),
+            ]
             done = subprocess.run(command, capture_output=True, text=True, check=False, env={**os.environ, **env})
             if done.returncode != 0:
                 raise RuntimeError(f"memory worker {name} failed:\n{done.stderr[-3000:]}")
@@ -391,6 +444,7 @@ def markdown(results: dict) -> str:
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for name, row in data["summary"].items():
+
             def fmt(value, spec):
                 return "" if value is None else format(value, spec)
 
@@ -417,7 +471,9 @@ def main(argv=None) -> None:
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--no-timing", action="store_true")
     parser.add_argument("--memory-configs", nargs="+", default=None, help="with --no-timing: configs to measure")
-    parser.add_argument("--reuse-timing", default=None, help="JSON of an earlier run: keep its timings, measure memory")
+    parser.add_argument(
+        "--reuse-timing", default=None, help="JSON of an earlier run: keep its timings, measure memory"
+    )
     parser.add_argument("--out", default=None, help="output stem (default benchmarks/results/step_cost_cpu)")
     parser.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--model", default="tiny", help=argparse.SUPPRESS)
@@ -435,7 +491,10 @@ def main(argv=None) -> None:
     memory_steps = 2 if args.quick else args.memory_steps
     results = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
-        "threads": args.threads, "warmup": warmup, "repeats": repeats, "memory_steps": memory_steps,
+        "threads": args.threads,
+        "warmup": warmup,
+        "repeats": repeats,
+        "memory_steps": memory_steps,
         "models": {},
     }
     earlier = json.loads(Path(args.reuse_timing).read_text()) if args.reuse_timing else None
@@ -443,8 +502,12 @@ def main(argv=None) -> None:
         results.update({k: earlier[k] for k in ("machine", "threads", "warmup", "repeats")})
     for model_name in models:
         # Memory first, while this process is still small (the workers are fresh processes).
-        peaks = {} if args.no_memory else measure_memory(
-            model_name, memory_steps, args.threads, args.memory_configs if args.no_timing else None
+        peaks = (
+            {}
+            if args.no_memory
+            else measure_memory(
+                model_name, memory_steps, args.threads, args.memory_configs if args.no_timing else None
+            )
         )
         if earlier:
             timing = {k: earlier["models"][model_name][k] for k in ("median_s", "samples_s", "batch")}

@@ -41,14 +41,35 @@ METHODS: dict[str, list[str]] = {
     "kpig": [*KPIG, "--ig_source", "previous", "--eval_ig", "true"],  # IG over stages: sft vs kpig
     "kpig_ig_current": [*KPIG, "--ig_source", "current"],
     "kpig_wo_div": [*KPIG, "--ig_source", "previous"],
-    "kpig_wo_mask": ["--method", "kpig", "--replay_strategy", "entropy", "--jsd_on", "full", "--ig_source", "previous"],
+    "kpig_wo_mask": [
+        "--method",
+        "kpig",
+        "--replay_strategy",
+        "entropy",
+        "--jsd_on",
+        "full",
+        "--ig_source",
+        "previous",
+    ],
     "kpig_wo_jsd": [*KPIG, "--jsd_weight", "0", "--ig_source", "previous"],
     "kpig_wo_temp": [*KPIG, "--use_temperature", "false", "--ig_source", "previous"],
     "multi": ["--method", "multi"],
 }
 #: The order runs go in: the headline comparison first, so that a study cut short still has it.
-RUN_ORDER = ("sft", "kpig", "replay_random", "init", "multi", "entropy", "lora", "kpig_wo_div", "kpig_ig_current",
-             "kpig_wo_mask", "kpig_wo_jsd", "kpig_wo_temp")
+RUN_ORDER = (
+    "sft",
+    "kpig",
+    "replay_random",
+    "init",
+    "multi",
+    "entropy",
+    "lora",
+    "kpig_wo_div",
+    "kpig_ig_current",
+    "kpig_wo_mask",
+    "kpig_wo_jsd",
+    "kpig_wo_temp",
+)
 assert sorted(RUN_ORDER) == sorted(METHODS)
 #: Methods run with every seed of ``--seeds``; the others with the first seed only.
 SEEDED = ("sft", "replay_random", "kpig")
@@ -59,17 +80,50 @@ SEEDED = ("sft", "replay_random", "kpig")
 TUNE_BASE = {"--alpha": "0.3", "--jsd_weight": "0.02", "--replay_tasks": "2", "--replay_instances": "4"}
 TUNE_GRID: dict[str, list[str]] = {
     name: [item for key, value in {**TUNE_BASE, **change}.items() for item in (key, value)]
-    for name, change in {"base": {}, "alpha_0.6": {"--alpha": "0.6"}, "jsd_weight_0.1": {"--jsd_weight": "0.1"},
-                         "replay_instances_8": {"--replay_instances": "8"}}.items()
+    for name, change in {
+        "base": {},
+        "alpha_0.6": {"--alpha": "0.6"},
+        "jsd_weight_0.1": {"--jsd_weight": "0.1"},
+        "replay_instances_8": {"--replay_instances": "8"},
+    }.items()
 }
 TUNE_VALIDATION_SIZE = 10  # instances per seen task
-TUNE_EVAL = ["--eval_split", "validation", "--validation_size", str(TUNE_VALIDATION_SIZE), "--eval_tasks", "final",
-             "--eval_init", "false", "--eval_ig", "false"]
+TUNE_EVAL = [
+    "--eval_split",
+    "validation",
+    "--validation_size",
+    str(TUNE_VALIDATION_SIZE),
+    "--eval_tasks",
+    "final",
+    "--eval_init",
+    "false",
+    "--eval_ig",
+    "false",
+]
 
 #: ``--quick``: the tiny model, 2 stages, 2 methods: a test of the script, not a result.
-QUICK = ["--model_name_or_path", "tiny-llama", "--max_stages", "2", "--max_held_out_tasks", "1",
-         "--max_train_instances", "4", "--max_test_instances", "2", "--test_size", "2", "--replay_instances", "2",
-         "--eval_batch_size", "4", "--max_length", "256", "--learning_rate", "1e-3"]
+QUICK = [
+    "--model_name_or_path",
+    "tiny-llama",
+    "--max_stages",
+    "2",
+    "--max_held_out_tasks",
+    "1",
+    "--max_train_instances",
+    "4",
+    "--max_test_instances",
+    "2",
+    "--test_size",
+    "2",
+    "--replay_instances",
+    "2",
+    "--eval_batch_size",
+    "4",
+    "--max_length",
+    "256",
+    "--learning_rate",
+    "1e-3",
+]
 
 
 def run_dir(out: Path, method: str, seed: int) -> Path:
@@ -85,8 +139,17 @@ def plan(methods: list[str], seeds: list[int]) -> list[tuple[str, int]]:
 
 
 def command(method: str, seed: int, args: argparse.Namespace, output_dir: Path | None = None) -> list[str]:
-    cmd = [sys.executable, str(ROOT / "examples" / "cit.py"), "--recipe", str(BASE_RECIPE),
-           "--output_dir", str(output_dir or run_dir(args.out, method, seed)), "--seed", str(seed), *METHODS[method]]
+    cmd = [
+        sys.executable,
+        str(ROOT / "examples" / "cit.py"),
+        "--recipe",
+        str(BASE_RECIPE),
+        "--output_dir",
+        str(output_dir or run_dir(args.out, method, seed)),
+        "--seed",
+        str(seed),
+        *METHODS[method],
+    ]
     if args.pools and method.startswith("kpig") and method != "kpig_wo_div":
         cmd += ["--instruction_pools", args.pools]
     if seed != args.seeds[0]:
@@ -147,9 +210,14 @@ def hardware() -> dict[str, object]:
     except OSError:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__, "gpu": gpu,
-            "python": platform.python_version()}
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "gpu": gpu,
+        "python": platform.python_version(),
+    }
 
 
 def tune_dir(args: argparse.Namespace, setting: str) -> Path:
@@ -160,9 +228,14 @@ def tune(args: argparse.Namespace) -> int:
     """KPIG under each setting of :data:`TUNE_GRID`, scored on validation data; writes
     ``tuning.json`` / ``tuning.md`` with the setting of the best validation P-score."""
     seed = args.seeds[0]
-    jobs = [(f"tune/{name}", tune_dir(args, name),
-             command("kpig", seed, args, output_dir=tune_dir(args, name)) + TUNE_EVAL + options)
-            for name, options in TUNE_GRID.items()]
+    jobs = [
+        (
+            f"tune/{name}",
+            tune_dir(args, name),
+            command("kpig", seed, args, output_dir=tune_dir(args, name)) + TUNE_EVAL + options,
+        )
+        for name, options in TUNE_GRID.items()
+    ]
     code = _run_jobs(jobs, args.out.with_name(args.out.name + "-tune") / "timings.json")
     if code:
         return code
@@ -173,28 +246,46 @@ def tune(args: argparse.Namespace) -> int:
         report = read_report(tune_dir(args, name))
         n_tasks = report["summary"]["seen"]["n_tasks"]
         training = json.loads((tune_dir(args, name) / "config.json").read_text())["training"]
-        results[name] = {"options": options, "p_score": report["summary"]["seen"]["p_score"],
-                         "v_score": report["summary"]["seen"]["v_score"],
-                         "values": {k: training[k] for k in ("alpha", "jsd_weight", "replay_tasks", "replay_instances")}}
+        results[name] = {
+            "options": options,
+            "p_score": report["summary"]["seen"]["p_score"],
+            "v_score": report["summary"]["seen"]["v_score"],
+            "values": {k: training[k] for k in ("alpha", "jsd_weight", "replay_tasks", "replay_instances")},
+        }
     best = max(results, key=lambda n: (results[n]["p_score"], n == "base"))  # a tie keeps the base setting
-    summary = {"seed": seed, "validation_size": TUNE_VALIDATION_SIZE, "objective": "P-score of the seen tasks' validation instances "
-               "after the last stage", "settings": results, "chosen": best}
+    summary = {
+        "seed": seed,
+        "validation_size": TUNE_VALIDATION_SIZE,
+        "objective": "P-score of the seen tasks' validation instances after the last stage",
+        "settings": results,
+        "chosen": best,
+    }
     args.results.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.results / "tuning.json", json.dumps(summary, indent=2) + "\n")
-    lines = ["# KPIG tuning on validation data", "",
-             f"Each setting is one KPIG run of the study recipe (seed {seed}) that changes one value of the base "
-             f"setting; it is scored on {TUNE_VALIDATION_SIZE} validation instances per seen task, carved from the "
-             "training pool beyond the training cap (`eval_split: validation`), after the last stage. No test instance is used.",
-             "", "| Setting | alpha | jsd_weight | M | N | Validation P | Validation V |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# KPIG tuning on validation data",
+        "",
+        f"Each setting is one KPIG run of the study recipe (seed {seed}) that changes one value of the base "
+        f"setting; it is scored on {TUNE_VALIDATION_SIZE} validation instances per seen task, carved from the "
+        "training pool beyond the training cap (`eval_split: validation`), after the last stage. No test instance is used.",
+        "",
+        "| Setting | alpha | jsd_weight | M | N | Validation P | Validation V |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, r in results.items():
         v = r["values"]
         v_score = "-" if r["v_score"] is None else f"{r['v_score']:.1f}"
-        lines.append(f"| {name}{' (chosen)' if name == best else ''} | {v['alpha']} | {v['jsd_weight']} | "
-                     f"{v['replay_tasks']} | {v['replay_instances']} | {r['p_score']:.1f} | {v_score} |")
+        lines.append(
+            f"| {name}{' (chosen)' if name == best else ''} | {v['alpha']} | {v['jsd_weight']} | "
+            f"{v['replay_tasks']} | {v['replay_instances']} | {r['p_score']:.1f} | {v_score} |"
+        )
     instances = TUNE_VALIDATION_SIZE * n_tasks
-    lines += ["", f"The validation P-score is a mean over {instances} instances ({TUNE_VALIDATION_SIZE} per task, "
-              "each scored 0-1 or by overlap), so one instance answered differently moves it by up to "
-              f"{100 / instances:.1f} points on a task-weighted mean; differences of that size are noise. A tie keeps the base setting."]
+    lines += [
+        "",
+        f"The validation P-score is a mean over {instances} instances ({TUNE_VALIDATION_SIZE} per task, "
+        "each scored 0-1 or by overlap), so one instance answered differently moves it by up to "
+        f"{100 / instances:.1f} points on a task-weighted mean; differences of that size are noise. A tie keeps the base setting.",
+    ]
     atomic_write_text(args.results / "tuning.md", "\n".join(lines) + "\n")
     print(f"chosen: {best}; see {args.results / 'tuning.md'}")
     return 0
@@ -226,8 +317,14 @@ def report(args: argparse.Namespace) -> int:
     timings = json.loads(timings_path.read_text()) if timings_path.exists() else {}
     environment_path = args.out / "environment.json"
     environment = json.loads(environment_path.read_text()) if environment_path.exists() else {}
-    written = write_study_report(runs, args.results, timings=timings, probe=not args.no_probe,
-                                 replicates=args.replicates, environment=environment)
+    written = write_study_report(
+        runs,
+        args.results,
+        timings=timings,
+        probe=not args.no_probe,
+        replicates=args.replicates,
+        environment=environment,
+    )
     if args.readme:
         written.append(update_readme(args.readme, args.results / "study.json"))
     print("\n".join(str(p) for p in written))
@@ -253,21 +350,40 @@ def update_readme(readme: Path, study_json: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="KPIG vs the baselines on one stream.")
-    parser.add_argument("action", choices=("tune", "run", "report", "all"),
-                        help="tune: KPIG settings on validation data; run: every method and seed; report: "
-                             "the tables from the run directories; all: run, then report")
+    parser.add_argument(
+        "action",
+        choices=("tune", "run", "report", "all"),
+        help="tune: KPIG settings on validation data; run: every method and seed; report: "
+        "the tables from the run directories; all: run, then report",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "study", help="run directories")
-    parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "study",
-                        help="where report writes study.json, study.md and the plot")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=ROOT / "benchmarks" / "results" / "study",
+        help="where report writes study.json, study.md and the plot",
+    )
     parser.add_argument("--methods", nargs="+", default=list(RUN_ORDER), help=f"of: {', '.join(RUN_ORDER)}")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2],
-                        help=f"seeds of {', '.join(SEEDED)}; the other methods run with the first")
+    parser.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=[0, 1, 2],
+        help=f"seeds of {', '.join(SEEDED)}; the other methods run with the first",
+    )
     parser.add_argument("--model", help="model of every run (default: the recipe's, SmolLM2-135M-Instruct)")
-    parser.add_argument("--device", choices=("auto", "cpu"), default="auto",
-                        help="auto: the accelerator when there is one; cpu: force the CPU")
-    parser.add_argument("--pools", default="benchmark",
-                        help="instruction pools of the KPIG runs (not of kpig_wo_div): a folder, or "
-                             "'benchmark' for the shipped ones (default); '' for none")
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu"),
+        default="auto",
+        help="auto: the accelerator when there is one; cpu: force the CPU",
+    )
+    parser.add_argument(
+        "--pools",
+        default="benchmark",
+        help="instruction pools of the KPIG runs (not of kpig_wo_div): a folder, or "
+        "'benchmark' for the shipped ones (default); '' for none",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny model, 2 stages: checks the script only")
     parser.add_argument("--replicates", type=int, default=2000, help="bootstrap replicates")
     parser.add_argument("--no-probe", action="store_true", help="skip the misleading-constraint probe")

@@ -44,7 +44,6 @@ def normalize_answer(text: str) -> str:
         text = stripped
 
 
-
 _BARE_ITEM = re.compile(r"[^,\[\]]*")  # an unquoted item runs to the next comma or bracket
 
 

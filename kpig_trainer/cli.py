@@ -14,8 +14,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kpig", description="Continual instruction tuning with KPIG.")
     commands = parser.add_subparsers(dest="command", required=True)
     # Listed here for `kpig --help`; main() hands its arguments to kpig_trainer.train untouched.
-    commands.add_parser("train", help="run (or resume) a continual stream from a recipe; `kpig train --help`",
-                        add_help=False)
+    commands.add_parser(
+        "train", help="run (or resume) a continual stream from a recipe; `kpig train --help`", add_help=False
+    )
 
     data = commands.add_parser("data", help="inspect tasks and streams")
     data_commands = data.add_subparsers(dest="data_command", required=True)

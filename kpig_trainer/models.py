@@ -46,6 +46,7 @@ _PROBE_MESSAGES = [
     ],
 ]
 
+
 class ModelNotFoundError(FileNotFoundError):
     """A model name that is neither a local folder, an embedded alias nor a valid Hub id."""
 
@@ -96,7 +97,8 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     except HFValidationError:
         raise ModelNotFoundError(
             f"model {name!r}: no such local folder ({os.path.abspath(os.path.expanduser(name))}), and not a Hub "
-            f"model id (ORG/NAME) either; embedded models: {', '.join((*SMOLLM2_ALIASES, *TINY_LLAMA_ALIASES))}") from None
+            f"model id (ORG/NAME) either; embedded models: {', '.join((*SMOLLM2_ALIASES, *TINY_LLAMA_ALIASES))}"
+        ) from None
     return name
 
 
@@ -117,7 +119,9 @@ def load_model_and_tokenizer(name_or_path: str | os.PathLike, dtype=None, revisi
     path = resolve_model_path(name_or_path)
     if revision is not None and not os.path.isdir(path):
         kwargs["revision"] = revision
-    tokenizer = AutoTokenizer.from_pretrained(path, **({"revision": kwargs["revision"]} if "revision" in kwargs else {}))
+    tokenizer = AutoTokenizer.from_pretrained(
+        path, **({"revision": kwargs["revision"]} if "revision" in kwargs else {})
+    )
     if dtype is not None:
         kwargs["dtype"] = dtype
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)

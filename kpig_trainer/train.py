@@ -90,8 +90,9 @@ def _split_config(argv: Sequence[str]) -> tuple[str | None, list[str]]:
     return config, rest
 
 
-def parse_run_args(argv: Sequence[str] | None = None,
-                   default_recipe: str | Path | None = DEFAULT_RECIPE) -> tuple[ContinualArguments, KPIGConfig]:
+def parse_run_args(
+    argv: Sequence[str] | None = None, default_recipe: str | Path | None = DEFAULT_RECIPE
+) -> tuple[ContinualArguments, KPIGConfig]:
     """``(ContinualArguments, KPIGConfig)`` from ``--config FILE`` (default: the demo) and flags.
 
     The recipe's ``env`` variables are set in ``os.environ`` before the options are built.
@@ -99,10 +100,18 @@ def parse_run_args(argv: Sequence[str] | None = None,
     from trl import TrlParser
 
     config, rest = _split_config(sys.argv[1:] if argv is None else argv)
-    parser = TrlParser((ContinualArguments, KPIGConfig), prog="kpig train",
-                       description="Continual instruction tuning from a recipe; flags override its options.")
-    parser.add_argument("--config", "--recipe", dest="config", default=None,
-                        help="YAML recipe (default: the CPU demo shipped in the package); flags override it")
+    parser = TrlParser(
+        (ContinualArguments, KPIGConfig),
+        prog="kpig train",
+        description="Continual instruction tuning from a recipe; flags override its options.",
+    )
+    parser.add_argument(
+        "--config",
+        "--recipe",
+        dest="config",
+        default=None,
+        help="YAML recipe (default: the CPU demo shipped in the package); flags override it",
+    )
     recipe = config or default_recipe
     if recipe:
         options = read_recipe(recipe)

@@ -20,10 +20,22 @@ def accelerate_launch(args, tmp_path, timeout=600, env=None) -> subprocess.Compl
     """Run ``accelerate launch ARGS`` from the repository root with one thread per process and a
     private model cache under ``tmp_path`` (``env``: more variables); fail with the output's tail
     unless it exits 0, which it does only when every launched process exited 0."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE",
-           "KPIG_CACHE": str(tmp_path / "cache"), "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *args], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=timeout)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "KPIG_CACHE": str(tmp_path / "cache"),
+        "TOKENIZERS_PARALLELISM": "false",
+        **(env or {}),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result
 

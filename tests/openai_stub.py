@@ -33,10 +33,16 @@ def completion_body(content: str, prompt: str) -> dict:
     """A minimal chat.completion object with usage figures (whitespace token counts)."""
     prompt_tokens, completion_tokens = len(prompt.split()), len(content.split())
     return {
-        "id": "chatcmpl-stub", "object": "chat.completion", "created": int(time.time()), "model": "stub-model",
+        "id": "chatcmpl-stub",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": "stub-model",
         "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
     }
 
 
@@ -67,8 +73,13 @@ class StubServer:
                 if reply.status == 200:
                     payload = completion_body(reply.content, prompt)
                 else:
-                    payload = {"error": {"message": reply.error or f"stub error {reply.status}",
-                                         "type": "stub", "code": str(reply.status)}}
+                    payload = {
+                        "error": {
+                            "message": reply.error or f"stub error {reply.status}",
+                            "type": "stub",
+                            "code": str(reply.status),
+                        }
+                    }
                 self._send(reply.status, payload, reply.headers)
 
             def _send(self, status, payload, headers=None):

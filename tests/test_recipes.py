@@ -25,7 +25,13 @@ def test_every_recipe_parses(path):
 def test_paper_setups_carry_the_papers_hyperparameters():
     assert read_recipe(RECIPES / "superni_st" / "kpig.yaml")["bf16"] is True
     _, st = parse_run_args(["--recipe", str(RECIPES / "superni_st" / "kpig.yaml"), "--bf16", "false"])
-    assert (st.learning_rate, st.alpha, st.jsd_weight, st.replay_tasks, st.replay_instances) == (2e-5, 0.3, 0.02, 10, 10)
+    assert (st.learning_rate, st.alpha, st.jsd_weight, st.replay_tasks, st.replay_instances) == (
+        2e-5,
+        0.3,
+        0.02,
+        10,
+        10,
+    )
     assert st.per_device_train_batch_size * st.gradient_accumulation_steps * 8 == 384
     sc_args, sc = parse_run_args(["--recipe", str(RECIPES / "superni_sc" / "kpig.yaml"), "--bf16", "false"])
     assert sc_args.order == "SC" and sc.alpha == 0.3
@@ -84,14 +90,22 @@ def _resolved(path):
 
 
 def test_paper_kpig_recipes_follow_algorithm_1_and_section_3_2():
-    paper = {p.relative_to(RECIPES).as_posix(): _resolved(p)
-             for d in PAPER_DIRS for p in sorted((RECIPES / d).glob("*.yaml"))}
+    paper = {
+        p.relative_to(RECIPES).as_posix(): _resolved(p)
+        for d in PAPER_DIRS
+        for p in sorted((RECIPES / d).glob("*.yaml"))
+    }
     kpig = {name: run for name, run in paper.items() if run[0].method == "kpig"}
-    assert sorted(kpig) == ["domain/kpig.yaml", "superni_sc/kpig.yaml", "superni_st/kpig.yaml",
-                            "superni_st/kpig_wo_div.yaml"]
+    assert sorted(kpig) == [
+        "domain/kpig.yaml",
+        "superni_sc/kpig.yaml",
+        "superni_st/kpig.yaml",
+        "superni_st/kpig_wo_div.yaml",
+    ]
     # Algorithm 1: the frozen previous-stage model's IG sets the temperature, with the cached teacher.
     assert {name: (t.ig_source, t.previous_model) for name, (_, t) in kpig.items()} == {
-        name: ("previous", "cached") for name in kpig}
+        name: ("previous", "cached") for name in kpig
+    }
     # Section 3.2: the SuperNI setups train on the shipped pools; the ablation and the baselines do not.
     pools = {name: args.instruction_pools for name, (args, _) in paper.items()}
     assert pools.pop("superni_st/kpig.yaml") == pools.pop("superni_sc/kpig.yaml") == "benchmark"
@@ -116,4 +130,8 @@ def test_the_tuned_kpig_values_are_the_defaults_of_the_small_model_recipes():
         values = {k: getattr(training, k) for k in ("alpha", "jsd_weight", "replay_tasks", "replay_instances")}
         assert values == chosen, path
     args, training = parse_run_args(["--recipe", str(RECIPES / "superni_st_small" / "kpig.yaml")])
-    assert (args.model_name_or_path, training.ig_source, args.instruction_pools) == ("smollm2", "previous", "benchmark")
+    assert (args.model_name_or_path, training.ig_source, args.instruction_pools) == (
+        "smollm2",
+        "previous",
+        "benchmark",
+    )

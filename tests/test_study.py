@@ -21,13 +21,36 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def study(tmp_path_factory):
     folder = tmp_path_factory.mktemp("study")
-    (folder / "README.md").write_text(f"# Title\n\n## Results\n\nOur words.\n\n{README_BEGIN}\nold numbers\n"
-                                      f"{README_END}\n\n## Next section\n")
+    (folder / "README.md").write_text(
+        f"# Title\n\n## Results\n\nOur words.\n\n{README_BEGIN}\nold numbers\n{README_END}\n\n## Next section\n"
+    )
     env = {"KPIG_CACHE": str(folder / "cache"), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run([sys.executable, "benchmarks/study.py", "all", "--quick", "--methods", "sft", "kpig",
-                             "--seeds", "0", "--out", str(folder / "runs"), "--results", str(folder / "results"),
-                             "--replicates", "100", "--readme", str(folder / "README.md")], cwd=ROOT,
-                            capture_output=True, text=True, timeout=900, env={**__import__("os").environ, **env})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/study.py",
+            "all",
+            "--quick",
+            "--methods",
+            "sft",
+            "kpig",
+            "--seeds",
+            "0",
+            "--out",
+            str(folder / "runs"),
+            "--results",
+            str(folder / "results"),
+            "--replicates",
+            "100",
+            "--readme",
+            str(folder / "README.md"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**__import__("os").environ, **env},
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return folder
 
@@ -41,10 +64,17 @@ def test_study_writes_every_table_from_the_run_directories(study):
     table1 = markdown.split("## Table 1 layout")[1].split("\n\n")[1].splitlines()
     assert table1[0].count("|") == 10 and len(table1) == 4  # header, rule, sft, kpig
     paired = [p for p in data["paired"] if (p["a"], p["b"]) == ("kpig", "sft")]
-    assert {(p["group"], p["score"]) for p in paired} == {(g, s) for g in ("seen", "held_out")
-                                                          for s in ("p_score", "v_score")}
-    for section in ("Paired differences", "Table 2 layout", "Does kpig learn each task?", "Per-example forgetting",
-                    "Misleading constraint", "IG over stages"):
+    assert {(p["group"], p["score"]) for p in paired} == {
+        (g, s) for g in ("seen", "held_out") for s in ("p_score", "v_score")
+    }
+    for section in (
+        "Paired differences",
+        "Table 2 layout",
+        "Does kpig learn each task?",
+        "Per-example forgetting",
+        "Misleading constraint",
+        "IG over stages",
+    ):
         assert section in markdown
     assert set(data["flips"]) == {"sft", "kpig"}
     # KPIG's own terms, from its training log: T = 2 - min(IG, 1) is never below 1
@@ -56,8 +86,11 @@ def test_study_writes_every_table_from_the_run_directories(study):
 
 def test_the_readme_block_is_rewritten_from_the_results(study):
     readme = (study / "README.md").read_text()
-    before, block, after = readme.split(README_BEGIN)[0], readme.split(README_BEGIN)[1].split(README_END)[0], \
-        readme.split(README_END)[1]
+    before, block, after = (
+        readme.split(README_BEGIN)[0],
+        readme.split(README_BEGIN)[1].split(README_END)[0],
+        readme.split(README_END)[1],
+    )
     assert before.endswith("Our words.\n\n") and after == "\n\n## Next section\n"  # only the block changes
     assert "old numbers" not in block and "#### Table 1 layout" in block and "kpig − sft" in block
     data = json.loads((study / "results" / "study.json").read_text())
@@ -80,24 +113,58 @@ def test_instance_scores_reproduce_the_runs_own_p_scores(study):
 
 
 def test_a_rerun_resumes_every_finished_run(study):
-    result = subprocess.run([sys.executable, "benchmarks/study.py", "run", "--quick", "--methods", "sft", "kpig",
-                             "--seeds", "0", "--out", str(study / "runs")], cwd=ROOT, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/study.py",
+            "run",
+            "--quick",
+            "--methods",
+            "sft",
+            "kpig",
+            "--seeds",
+            "0",
+            "--out",
+            str(study / "runs"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0 and result.stdout.count(": done") == 2
-
 
 
 def test_tuning_scores_every_setting_on_validation_data_only(tmp_path):
     env = {"KPIG_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run([sys.executable, "benchmarks/study.py", "tune", "--quick", "--seeds", "0",
-                             "--out", str(tmp_path / "runs"), "--results", str(tmp_path / "results")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=900, env={**__import__("os").environ, **env})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/study.py",
+            "tune",
+            "--quick",
+            "--seeds",
+            "0",
+            "--out",
+            str(tmp_path / "runs"),
+            "--results",
+            str(tmp_path / "results"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**__import__("os").environ, **env},
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     tuning = json.loads((tmp_path / "results" / "tuning.json").read_text())
     settings = tuning["settings"]
     assert list(settings) == ["base", "alpha_0.6", "jsd_weight_0.1", "replay_instances_8"]
-    assert (settings["alpha_0.6"]["values"]["alpha"], settings["jsd_weight_0.1"]["values"]["jsd_weight"],
-            settings["replay_instances_8"]["values"]["replay_instances"]) == (0.6, 0.1, 8)
+    assert (
+        settings["alpha_0.6"]["values"]["alpha"],
+        settings["jsd_weight_0.1"]["values"]["jsd_weight"],
+        settings["replay_instances_8"]["values"]["replay_instances"],
+    ) == (0.6, 0.1, 8)
     best = max(s["p_score"] for s in settings.values())
     assert settings[tuning["chosen"]]["p_score"] == best
     assert (tmp_path / "results" / "tuning.md").read_text().count("|") >= 7 * 6

@@ -9,8 +9,8 @@ from typing import Any, Callable
 
 from transformers import TrainerCallback
 
-from kpig_trainer.distributed import full_weights
 from kpig_trainer.continual.replay import ModelScorer, ReplayChoice, ReplayRequest, ReplayStrategy, get_replay_strategy
+from kpig_trainer.distributed import full_weights
 
 logger = logging.getLogger(__name__)
 
@@ -45,9 +45,17 @@ class ReplayCallback(TrainerCallback):
         show_progress: progress bar while scoring.
     """
 
-    def __init__(self, strategy: ReplayStrategy | str, request: ReplayRequest, collator: Callable, *,
-                 alpha: float = 0.3, batch_size: int = 8, on_choice: Callable[[ReplayChoice], Any] | None = None,
-                 show_progress: bool = True) -> None:
+    def __init__(
+        self,
+        strategy: ReplayStrategy | str,
+        request: ReplayRequest,
+        collator: Callable,
+        *,
+        alpha: float = 0.3,
+        batch_size: int = 8,
+        on_choice: Callable[[ReplayChoice], Any] | None = None,
+        show_progress: bool = True,
+    ) -> None:
         self.strategy = get_replay_strategy(strategy) if isinstance(strategy, str) else strategy
         self.request = request
         self.collator = collator
@@ -65,16 +73,26 @@ class ReplayCallback(TrainerCallback):
         began = time.perf_counter()
         scorer = None
         if self.strategy.needs_model and self.request.seen_tasks:
-            scorer = ModelScorer(model, self.collator, alpha=self.alpha, batch_size=self.batch_size,
-                                 show_progress=self.show_progress)
+            scorer = ModelScorer(
+                model, self.collator, alpha=self.alpha, batch_size=self.batch_size, show_progress=self.show_progress
+            )
         # ZeRO-3: the full weights on every rank, at a stage's end as on resume (one path).
         with full_weights(model) if scorer is not None else contextlib.nullcontext():
             self.choice = self.strategy.select(self.request, scorer)
         self.seconds = time.perf_counter() - began
-        summary = ", ".join(f"{t} ({self.choice.scores[t]:.4f})" if t in self.choice.scores else t
-                            for t in self.choice.tasks) or "nothing"
-        logger.info("stage %d replay (%s): %s; %d instances", self.request.stage + 1, self.strategy.name,
-                    summary, len(self.choice.instances))
+        summary = (
+            ", ".join(
+                f"{t} ({self.choice.scores[t]:.4f})" if t in self.choice.scores else t for t in self.choice.tasks
+            )
+            or "nothing"
+        )
+        logger.info(
+            "stage %d replay (%s): %s; %d instances",
+            self.request.stage + 1,
+            self.strategy.name,
+            summary,
+            len(self.choice.instances),
+        )
         if self.on_choice is not None:
             self.on_choice(self.choice)
         return self.choice

@@ -20,15 +20,21 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from kpig_trainer.distributed import is_zero3_partitioned
 from kpig_trainer.continual.regularizers import ParameterAnchor, estimate_fisher, merge_fisher
+from kpig_trainer.distributed import is_zero3_partitioned
 from kpig_trainer.kpig.trainer import KPIGTrainer
 
 if TYPE_CHECKING:
     from kpig_trainer.data import Instance, Stream
 
-__all__ = ["ContinualMethod", "RegularizedKPIGTrainer", "get_method", "method_class", "method_names",
-           "register_method"]
+__all__ = [
+    "ContinualMethod",
+    "RegularizedKPIGTrainer",
+    "get_method",
+    "method_class",
+    "method_names",
+    "register_method",
+]
 
 _METHODS: dict[str, type[ContinualMethod]] = {}
 
@@ -51,8 +57,10 @@ def method_class(name: str) -> type[ContinualMethod]:
     try:
         return _METHODS[name]
     except KeyError:
-        raise ValueError(f"method must be one of {method_names()}, got {name!r} "
-                         "(add one with kpig_trainer.continual.methods.register_method)") from None
+        raise ValueError(
+            f"method must be one of {method_names()}, got {name!r} "
+            "(add one with kpig_trainer.continual.methods.register_method)"
+        ) from None
 
 
 def get_method(method: str | ContinualMethod, args: Any) -> ContinualMethod:
@@ -90,8 +98,10 @@ class ContinualMethod:
     def check(self, model: torch.nn.Module) -> None:
         """Called once the model is loaded, before any stage: refuse what cannot work."""
         if self.needs_full_weights and is_zero3_partitioned(model):
-            raise ValueError(f"method={self.name!r} needs the full weights on every process; it does not "
-                             "run under DeepSpeed ZeRO-3 (use ZeRO-2, DDP, or another method)")
+            raise ValueError(
+                f"method={self.name!r} needs the full weights on every process; it does not "
+                "run under DeepSpeed ZeRO-3 (use ZeRO-2, DDP, or another method)"
+            )
 
     def stage_instances(self, runner, stage: int, instances: list[Instance]) -> list[Instance]:
         """The training instances of ``stage`` (its own plus the replayed ones)."""

@@ -116,8 +116,9 @@ def estimate_fisher(
     return {n: f / count for n, f in fisher.items()}
 
 
-def merge_fisher(old: Mapping[str, torch.Tensor] | None, new: Mapping[str, torch.Tensor],
-                 decay: float = 1.0) -> dict[str, torch.Tensor]:
+def merge_fisher(
+    old: Mapping[str, torch.Tensor] | None, new: Mapping[str, torch.Tensor], decay: float = 1.0
+) -> dict[str, torch.Tensor]:
     """Online EWC: ``decay * old + new`` (``old=None`` returns ``new``)."""
     if old is None:
         return dict(new)

@@ -33,8 +33,17 @@ from typing import Any, Mapping, Sequence
 from kpig_trainer.data.records import Instance, Task
 from kpig_trainer.kpig.scoring import ModelScorer, response_entropy
 
-__all__ = ["ModelScorer", "ReplayChoice", "ReplayRequest", "ReplayStrategy", "get_replay_strategy", "lowest",
-           "register_replay_strategy", "replay_strategy_class", "response_entropy"]
+__all__ = [
+    "ModelScorer",
+    "ReplayChoice",
+    "ReplayRequest",
+    "ReplayStrategy",
+    "get_replay_strategy",
+    "lowest",
+    "register_replay_strategy",
+    "replay_strategy_class",
+    "response_entropy",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +113,13 @@ class ReplayStrategy:
     def select(self, request: ReplayRequest, scorer: ModelScorer | None = None) -> ReplayChoice:
         raise NotImplementedError
 
-    def _choice(self, request: ReplayRequest, tasks: Sequence[str], scores: Mapping[str, float] | None = None,
-                instances: Sequence[Instance] | None = None) -> ReplayChoice:
+    def _choice(
+        self,
+        request: ReplayRequest,
+        tasks: Sequence[str],
+        scores: Mapping[str, float] | None = None,
+        instances: Sequence[Instance] | None = None,
+    ) -> ReplayChoice:
         if instances is None:
             instances = [i for t in tasks for i in request.sample(t)]
         return ReplayChoice(self.name, list(tasks), list(instances), dict(scores or {}))
@@ -140,7 +154,9 @@ class KPIGReplay(ReplayStrategy):
     name = "kpig"
     needs_model = True
 
-    def task_scores(self, request: ReplayRequest, scorer: ModelScorer) -> tuple[dict[str, float], dict[str, list[Instance]]]:
+    def task_scores(
+        self, request: ReplayRequest, scorer: ModelScorer
+    ) -> tuple[dict[str, float], dict[str, list[Instance]]]:
         """Mean IG per seen task over its sampled instances that have a maskable key part, and the
         sampled instances. A task with no such instance has no score (it cannot be ranked)."""
         samples = {t: request.sample(t) for t in request.seen_tasks}
@@ -153,8 +169,11 @@ class KPIGReplay(ReplayStrategy):
                 scores[task] = sum(task_values) / len(task_values)
         unscored = [t for t in request.seen_tasks if t not in scores]
         if unscored:
-            logger.warning("stage %d replay: no sampled instance of %s has a maskable key part; left out of "
-                           "the IG ranking", request.stage + 1, ", ".join(unscored))
+            logger.warning(
+                "stage %d replay: no sampled instance of %s has a maskable key part; left out of the IG ranking",
+                request.stage + 1,
+                ", ".join(unscored),
+            )
         return scores, samples
 
     def select(self, request, scorer=None):
@@ -210,15 +229,19 @@ class SimilarityReplay(ReplayStrategy):
     @classmethod
     def from_run(cls, runner) -> SimilarityReplay:
         """``similarity_embedder`` and ``similarity_aggregate`` from the run, and its instruction pools."""
-        return cls(embedder=runner.args.similarity_embedder, aggregate=runner.args.similarity_aggregate,
-                   pools=runner.instruction_pools)
+        return cls(
+            embedder=runner.args.similarity_embedder,
+            aggregate=runner.args.similarity_aggregate,
+            pools=runner.instruction_pools,
+        )
 
     def selector(self, request: ReplayRequest):
         from kpig_trainer.selection.selector import InstructionSelector
 
         if self._selector is None:  # the embedder loads once, on first use
-            self._selector = InstructionSelector(self.embedder, self.aggregate, show_progress=False,
-                                                 tasks=request.tasks, pools=self.pools)
+            self._selector = InstructionSelector(
+                self.embedder, self.aggregate, show_progress=False, tasks=request.tasks, pools=self.pools
+            )
         return self._selector
 
     def ranked(self, request: ReplayRequest, k: int) -> list[tuple[str, float]]:
@@ -241,8 +264,13 @@ class KPIGSimilarityReplay(SimilarityReplay):
     name = "kpig+similarity"
     needs_model = True
 
-    def __init__(self, embedder: Any = None, aggregate: str = "mean", pools: Mapping[str, Any] | None = None,
-                 top_similar: int | None = None) -> None:
+    def __init__(
+        self,
+        embedder: Any = None,
+        aggregate: str = "mean",
+        pools: Mapping[str, Any] | None = None,
+        top_similar: int | None = None,
+    ) -> None:
         super().__init__(embedder, aggregate, pools)
         self.top_similar = top_similar
 

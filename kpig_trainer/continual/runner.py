@@ -28,18 +28,24 @@ from typing import Any, Callable
 
 import torch
 
-from kpig_trainer.continual.callbacks import LogRecordsCallback, ReplayCallback
-from kpig_trainer.kpig.config import KPIGConfig
 from kpig_trainer.continual.arguments import METHODS, MODEL_CONFIG_OPTIONS, ContinualArguments, load_stream
-from kpig_trainer.data import Instance, Stream
-from kpig_trainer.fileio import atomic_write_json
+from kpig_trainer.continual.callbacks import LogRecordsCallback, ReplayCallback
 from kpig_trainer.continual.methods import ContinualMethod, RegularizedKPIGTrainer, get_method
-from kpig_trainer.distributed import full_weights
 from kpig_trainer.continual.replay import ReplayChoice, ReplayRequest, ReplayStrategy
 from kpig_trainer.continual.state import RunDirectory, RunState
+from kpig_trainer.data import Instance, Stream
+from kpig_trainer.distributed import full_weights
+from kpig_trainer.fileio import atomic_write_json
+from kpig_trainer.kpig.config import KPIGConfig
 
-__all__ = ["METHODS", "ContinualArguments", "ContinualRunner", "RegularizedKPIGTrainer", "load_stream",
-           "loss_evaluation"]
+__all__ = [
+    "METHODS",
+    "ContinualArguments",
+    "ContinualRunner",
+    "RegularizedKPIGTrainer",
+    "load_stream",
+    "loss_evaluation",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +53,30 @@ _LOGGERS = ("kpig_trainer", "transformers")  # copied to logs/run.log
 _JUDGE_OPTIONS = ("judge_base_url", "judge_model", "judge_api_key_env", "judge_cache")  # see fingerprint()
 #: Options added after runs were made: at their defaults they leave the hash as it was.
 # Options added after the first runs; at their defaults they leave a run's fingerprint as it was.
-_LATER_OPTIONS = ("test_sampling", "seen_tasks", "held_out_tasks", "eval_tasks", "eval_init", "eval_split",
-                  "validation_size", *MODEL_CONFIG_OPTIONS)
+_LATER_OPTIONS = (
+    "test_sampling",
+    "seen_tasks",
+    "held_out_tasks",
+    "eval_tasks",
+    "eval_init",
+    "eval_split",
+    "validation_size",
+    *MODEL_CONFIG_OPTIONS,
+)
+
 
 def _rows(instances: list[Instance]) -> list[dict[str, Any]]:
-    return [{"id": i.id, "task": i.task, "instruction": i.instruction, "input": i.input,
-             "outputs": list(i.outputs), "key_parts": list(i.key_parts)} for i in instances]
+    return [
+        {
+            "id": i.id,
+            "task": i.task,
+            "instruction": i.instruction,
+            "input": i.input,
+            "outputs": list(i.outputs),
+            "key_parts": list(i.key_parts),
+        }
+        for i in instances
+    ]
 
 
 class ContinualRunner:
@@ -71,12 +95,20 @@ class ContinualRunner:
             instead of building ``args.replay_strategy`` (which is set to its ``name``).
     """
 
-    def __init__(self, args: ContinualArguments, training_args: KPIGConfig,
-                 evaluate_fn: Callable[..., dict[str, Any]] | None = None, callbacks: list | None = None,
-                 method: ContinualMethod | None = None, replay_strategy: ReplayStrategy | None = None) -> None:
+    def __init__(
+        self,
+        args: ContinualArguments,
+        training_args: KPIGConfig,
+        evaluate_fn: Callable[..., dict[str, Any]] | None = None,
+        callbacks: list | None = None,
+        method: ContinualMethod | None = None,
+        replay_strategy: ReplayStrategy | None = None,
+    ) -> None:
         if method is not None and method.name != args.method:
-            raise ValueError(f"the method object is {method.name!r} but args.method is {args.method!r}: "
-                             f"set ContinualArguments(method={method.name!r})")
+            raise ValueError(
+                f"the method object is {method.name!r} but args.method is {args.method!r}: "
+                f"set ContinualArguments(method={method.name!r})"
+            )
         if replay_strategy is not None:
             args.replay_strategy = replay_strategy.name  # the record and the fingerprint name it
             self._replay_strategy = replay_strategy
@@ -93,7 +125,9 @@ class ContinualRunner:
             from kpig_trainer.evaluation.judge import check_api_key
 
             check_api_key(args.judge_api_key_env, args.judge_base_url, option="judge_api_key_env")
-        self.evaluate_fn = evaluate_fn or (loss_evaluation if args.evaluation == "loss" else self.generation_evaluation)
+        self.evaluate_fn = evaluate_fn or (
+            loss_evaluation if args.evaluation == "loss" else self.generation_evaluation
+        )
         self.callbacks = list(callbacks or [])
         self.state = self._load_or_create_state()
         self.model = self.tokenizer = None
@@ -102,9 +136,21 @@ class ContinualRunner:
 
     def fingerprint(self) -> str:
         """Hash of everything that decides the run's results (not logging or checkpoint options)."""
-        training = {k: v for k, v in self.training_args.to_dict().items()
-                    if k not in {"output_dir", "logging_dir", "logging_steps", "save_steps", "report_to",
-                                 "disable_tqdm", "save_total_limit", "logging_first_step"}}
+        training = {
+            k: v
+            for k, v in self.training_args.to_dict().items()
+            if k
+            not in {
+                "output_dir",
+                "logging_dir",
+                "logging_steps",
+                "save_steps",
+                "report_to",
+                "disable_tqdm",
+                "save_total_limit",
+                "logging_first_step",
+            }
+        }
         continual = {k: v for k, v in dataclasses.asdict(self.args).items() if k not in _JUDGE_OPTIONS}
         for name in _LATER_OPTIONS:  # at their defaults, runs from before them keep their hash
             if continual[name] == ContinualArguments.__dataclass_fields__[name].default:
@@ -121,7 +167,8 @@ class ContinualRunner:
             if state.fingerprint != fingerprint:
                 raise ValueError(
                     f"{self.dir.state_path}: this run directory holds a run with other settings "
-                    f"(fingerprint {state.fingerprint}, now {fingerprint}); use another output_dir or delete it")
+                    f"(fingerprint {state.fingerprint}, now {fingerprint}); use another output_dir or delete it"
+                )
             logger.info("resuming %s: %d of %d stages done", self.dir.root, state.completed, len(state.stages))
             return state
         return RunState(fingerprint, [s.name for s in self.stream.stages])
@@ -161,8 +208,9 @@ class ContinualRunner:
             self.model = PeftModel.from_pretrained(base, str(source), is_trainable=True)
         else:
             options = base_options if source is None else self._model_kwargs()
-            self.model, self.tokenizer = load_model_and_tokenizer(str(source or self.args.model_name_or_path),
-                                                                  **options)
+            self.model, self.tokenizer = load_model_and_tokenizer(
+                str(source or self.args.model_name_or_path), **options
+            )
             if self.args.use_peft and self.method.trains:
                 from peft import get_peft_model
 
@@ -174,16 +222,22 @@ class ContinualRunner:
         """The training collator of every stage (instruction pools included)."""
         from kpig_trainer.kpig.collator import build_collator
 
-        return build_collator(self.tokenizer, self.training_args, max_length=self.training_args.max_length or 1024,
-                              instruction_pools=self.instruction_pools, with_masked=with_masked)
+        return build_collator(
+            self.tokenizer,
+            self.training_args,
+            max_length=self.training_args.max_length or 1024,
+            instruction_pools=self.instruction_pools,
+            with_masked=with_masked,
+        )
 
     def scoring_collator(self):
         """The collator replay scoring and the evaluation's IG share: the training collator's
         tokenization, each task's own instruction."""
         from kpig_trainer.kpig.collator import build_collator
 
-        return build_collator(self.tokenizer, self.training_args, max_length=self.training_args.max_length or 1024,
-                              scoring=True)
+        return build_collator(
+            self.tokenizer, self.training_args, max_length=self.training_args.max_length or 1024, scoring=True
+        )
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -216,8 +270,10 @@ class ContinualRunner:
         self._load_model()
         self.method.check(self.model)
         if self.training_args.process_index == 0:
-            atomic_write_json(self.dir.config_path, {"continual": dataclasses.asdict(self.args),
-                                                     "training": self.training_args.to_dict()})
+            atomic_write_json(
+                self.dir.config_path,
+                {"continual": dataclasses.asdict(self.args), "training": self.training_args.to_dict()},
+            )
         if self.args.evaluate and self.args.eval_init and "init" not in self.state.evaluation:
             with full_weights(self.model):
                 self.state.record_evaluation("init", self.evaluate_fn(self.model, self.tokenizer, self.stream, -1))
@@ -256,17 +312,25 @@ class ContinualRunner:
             return None
         from kpig_trainer.evaluation.judge import LLMJudge
 
-        return LLMJudge(base_url=self.args.judge_base_url, model=self.args.judge_model,
-                        api_key_env=self.args.judge_api_key_env,
-                        cache_path=self.args.judge_cache or self.dir.root / "judge_cache.jsonl")
+        return LLMJudge(
+            base_url=self.args.judge_base_url,
+            model=self.args.judge_model,
+            api_key_env=self.args.judge_api_key_env,
+            cache_path=self.args.judge_cache or self.dir.root / "judge_cache.jsonl",
+        )
 
     def replay_request(self, stage: int) -> ReplayRequest:
         seen = self.stream.seen_before(stage)
-        return ReplayRequest(stage=stage, seen_tasks=seen, next_tasks=list(self.stream.stages[stage].tasks),
-                             candidates={t: self.stream.train[t] for t in seen},
-                             num_tasks=self.training_args.replay_tasks,
-                             num_instances=self.training_args.replay_instances, seed=self.training_args.seed,
-                             tasks=self.stream.tasks)
+        return ReplayRequest(
+            stage=stage,
+            seen_tasks=seen,
+            next_tasks=list(self.stream.stages[stage].tasks),
+            candidates={t: self.stream.train[t] for t in seen},
+            num_tasks=self.training_args.replay_tasks,
+            num_instances=self.training_args.replay_instances,
+            seed=self.training_args.seed,
+            tasks=self.stream.tasks,
+        )
 
     def _replay_callback(self, stage: int) -> ReplayCallback:
         def record(choice: ReplayChoice) -> None:
@@ -274,13 +338,22 @@ class ContinualRunner:
             self.state.replay[str(stage)] = entry
             self.state.timings[f"stage_{stage + 1}_replay_selection"] = callback.seconds
             # Every process logs its own choice: they must agree (sharded scores, all-gathered).
-            self.dir.append_log("replay.jsonl", {"stage": stage + 1, "seconds": callback.seconds, **entry},
-                                self.training_args.process_index)
+            self.dir.append_log(
+                "replay.jsonl",
+                {"stage": stage + 1, "seconds": callback.seconds, **entry},
+                self.training_args.process_index,
+            )
             self._save_state()
 
-        callback = ReplayCallback(self.replay_strategy, self.replay_request(stage), self.scoring_collator(),
-                                  alpha=self.training_args.alpha, batch_size=self.args.eval_batch_size,
-                                  on_choice=record, show_progress=not self.training_args.disable_tqdm)
+        callback = ReplayCallback(
+            self.replay_strategy,
+            self.replay_request(stage),
+            self.scoring_collator(),
+            alpha=self.training_args.alpha,
+            batch_size=self.args.eval_batch_size,
+            on_choice=record,
+            show_progress=not self.training_args.disable_tqdm,
+        )
         return callback
 
     def _replay_instances(self, stage: int) -> list[Instance]:
@@ -295,22 +368,34 @@ class ContinualRunner:
         from datasets import Dataset
 
         start = time.perf_counter()
-        instances = self.method.stage_instances(self, stage,
-                                                self.stream.stage_instances(stage) + self._replay_instances(stage))
-        logger.info("stage %d/%d (%s): %d instances", stage + 1, len(self.stream.stages),
-                    self.stream.stages[stage].name, len(instances))
+        instances = self.method.stage_instances(
+            self, stage, self.stream.stage_instances(stage) + self._replay_instances(stage)
+        )
+        logger.info(
+            "stage %d/%d (%s): %d instances",
+            stage + 1,
+            len(self.stream.stages),
+            self.stream.stages[stage].name,
+            len(instances),
+        )
         args = dataclasses.replace(self.training_args, output_dir=str(self.dir.trainer_dir(stage)))
         if not self.args.uses_jsd:
             args.jsd_weight = 0.0
         callbacks = list(self.callbacks)
-        callbacks.append(LogRecordsCallback(
-            lambda record: self.dir.append_log("train.jsonl", {"stage": stage + 1, **record})))
+        callbacks.append(
+            LogRecordsCallback(lambda record: self.dir.append_log("train.jsonl", {"stage": stage + 1, **record}))
+        )
         if stage + 1 < len(self.stream.stages):
             callbacks.append(self._replay_callback(stage + 1))
         trainer = self.method.trainer_class()(
-            model=self.model, args=args, train_dataset=Dataset.from_list(_rows(instances)),
-            processing_class=self.tokenizer, data_collator=self.collator(self.args.uses_jsd), callbacks=callbacks,
-            use_teacher=self.args.uses_jsd)
+            model=self.model,
+            args=args,
+            train_dataset=Dataset.from_list(_rows(instances)),
+            processing_class=self.tokenizer,
+            data_collator=self.collator(self.args.uses_jsd),
+            callbacks=callbacks,
+            use_teacher=self.args.uses_jsd,
+        )
         self.method.before_stage(self, stage, trainer)
         trainer.train(resume_from_checkpoint=self.dir.last_trainer_checkpoint(stage))
         trainer.release_teacher()
@@ -322,8 +407,9 @@ class ContinualRunner:
         if self.args.evaluate and row_stream is not None:
             began = time.perf_counter()
             with full_weights(self.model):
-                self.state.record_evaluation(str(stage + 1),
-                                             self.evaluate_fn(self.model, self.tokenizer, row_stream, stage))
+                self.state.record_evaluation(
+                    str(stage + 1), self.evaluate_fn(self.model, self.tokenizer, row_stream, stage)
+                )
             self.state.timings[f"stage_{stage + 1}_eval"] = time.perf_counter() - began
         with full_weights(self.model):  # ZeRO-3: every rank gathers, rank 0 saves
             if self.training_args.process_index == 0:
@@ -349,8 +435,9 @@ class ContinualRunner:
         if self.args.eval_tasks == "final":
             return None
         trained = self.stream.seen_before(stage + 1)
-        return dataclasses.replace(self.stream, seen=trained, held_out=[],
-                                   test={t: self.stream.test[t] for t in trained})
+        return dataclasses.replace(
+            self.stream, seen=trained, held_out=[], test={t: self.stream.test[t] for t in trained}
+        )
 
     def generation_evaluation(self, model, tokenizer, stream: Stream, stage: int) -> dict[str, Any]:
         """Generate and score every seen and held-out task (one row of the matrix).
@@ -361,11 +448,19 @@ class ContinualRunner:
         from kpig_trainer.evaluation.evaluate import evaluate_stream_stage
 
         result = evaluate_stream_stage(
-            model, tokenizer, stream, None if stage < 0 else stage, batch_size=self.args.eval_batch_size,
-            held_out_demonstrations=self.args.held_out_demonstrations, compute_ig=self.args.eval_ig,
-            alpha=self.training_args.alpha, mask_token=self.training_args.mask_token, judge=self.judge,
+            model,
+            tokenizer,
+            stream,
+            None if stage < 0 else stage,
+            batch_size=self.args.eval_batch_size,
+            held_out_demonstrations=self.args.held_out_demonstrations,
+            compute_ig=self.args.eval_ig,
+            alpha=self.training_args.alpha,
+            mask_token=self.training_args.mask_token,
+            judge=self.judge,
             ig_collator=self.scoring_collator() if self.args.eval_ig else None,
-            show_progress=not self.training_args.disable_tqdm)
+            show_progress=not self.training_args.disable_tqdm,
+        )
         entry = result.to_dict()
         if self.args.judge_base_url and torch.distributed.is_available() and torch.distributed.is_initialized():
             # Every process generates the same answers; only process 0 asks the judge, the others
@@ -394,11 +489,21 @@ class ContinualRunner:
         for key, entry in self.state.evaluation.items():
             last = EvalResult.from_dict({**entry, "predictions": {}})
             matrix.record(None if key == "init" else int(key) - 1, last)
-        config = {"name": self.dir.root.name, "continual": dataclasses.asdict(self.args),
-                  "training": self.training_args.to_dict(), "stages": [list(s.tasks) for s in self.stream.stages],
-                  "replay": self.state.replay}
-        write_report(self.dir.root, matrix, config, final=last, name=f"{self.args.method} ({self.dir.root.name})",
-                     timings=self.state.timings)
+        config = {
+            "name": self.dir.root.name,
+            "continual": dataclasses.asdict(self.args),
+            "training": self.training_args.to_dict(),
+            "stages": [list(s.tasks) for s in self.stream.stages],
+            "replay": self.state.replay,
+        }
+        write_report(
+            self.dir.root,
+            matrix,
+            config,
+            final=last,
+            name=f"{self.args.method} ({self.dir.root.name})",
+            timings=self.state.timings,
+        )
 
 
 @torch.no_grad()
@@ -416,9 +521,10 @@ def loss_evaluation(model, tokenizer, stream: Stream, stage: int) -> dict[str, A
         for task in stream.seen + stream.held_out:
             total, count = 0.0, 0
             for start in range(0, len(stream.test[task]), 8):
-                batch = collator(stream.test[task][start:start + 8])
-                logits = model(input_ids=batch["input_ids"].to(device),
-                               attention_mask=batch["attention_mask"].to(device)).logits
+                batch = collator(stream.test[task][start : start + 8])
+                logits = model(
+                    input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)
+                ).logits
                 labels = batch["labels"].to(device)
                 n = int((labels[:, 1:] != -100).sum())
                 total += cross_entropy_loss(logits, labels).item() * n

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from kpig_trainer.data.summary import format_table
 from kpig_trainer.continual.state import RunState, in_stage_order
+from kpig_trainer.data.summary import format_table
 
 
 def _fmt(value: Any, digits: int = 1) -> str:

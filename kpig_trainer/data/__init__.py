@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from kpig_trainer.data.prompts import PLAIN_TEMPLATE, format_message, format_prompt, has_chat_template
 from kpig_trainer.data.benchmark import BENCHMARK_DIR, Benchmark, load_annotations, load_benchmark
 from kpig_trainer.data.loaders import (
     DEFAULT_COLUMNS,
@@ -17,10 +16,10 @@ from kpig_trainer.data.loaders import (
     load_tasks,
     tasks_from_records,
 )
+from kpig_trainer.data.prompts import PLAIN_TEMPLATE, format_message, format_prompt, has_chat_template
 from kpig_trainer.data.records import Constraints, DataError, Demonstration, Instance, Task
 from kpig_trainer.data.sampling import TEST_SAMPLINGS, balanced_sample, self_bleu_sample
 from kpig_trainer.data.stream import Stage, Stream, build_stream, plan_stages, split_task
-
 
 
 def instances_to_columns(
@@ -41,10 +40,35 @@ def instances_to_columns(
 
 
 __all__ = [
-    "BENCHMARK_DIR", "Benchmark", "PLAIN_TEMPLATE", "format_message", "format_prompt",
-    "has_chat_template", "Constraints", "DEFAULT_COLUMNS", "DataError", "Demonstration",
-    "Instance", "Split", "Stage", "Stream", "TEST_SAMPLINGS", "Task", "balanced_sample", "build_stream",
-    "instances_to_columns", "load_annotations", "load_benchmark", "load_dataset_tasks",
-    "load_jsonl_tasks", "load_splits", "load_superni_task", "load_superni_tasks", "load_tasks",
-    "plan_stages", "self_bleu_sample", "split_task", "tasks_from_records",
+    "BENCHMARK_DIR",
+    "Benchmark",
+    "PLAIN_TEMPLATE",
+    "format_message",
+    "format_prompt",
+    "has_chat_template",
+    "Constraints",
+    "DEFAULT_COLUMNS",
+    "DataError",
+    "Demonstration",
+    "Instance",
+    "Split",
+    "Stage",
+    "Stream",
+    "TEST_SAMPLINGS",
+    "Task",
+    "balanced_sample",
+    "build_stream",
+    "instances_to_columns",
+    "load_annotations",
+    "load_benchmark",
+    "load_dataset_tasks",
+    "load_jsonl_tasks",
+    "load_splits",
+    "load_superni_task",
+    "load_superni_tasks",
+    "load_tasks",
+    "plan_stages",
+    "self_bleu_sample",
+    "split_task",
+    "tasks_from_records",
 ]

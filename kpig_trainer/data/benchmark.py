@@ -66,7 +66,9 @@ def load_benchmark(name: str = "demo", *, directory: str | Path | None = None) -
         demo = _read_json(root / "demo.json")
         seen, held_out = list(demo["seen"]), list(demo["held_out"])
         tasks = load_superni_tasks(root / "tasks", seen + held_out, annotations=annotations)
-        return Benchmark("demo", tasks, seen, held_out, demo.get("max_train_instances"), demo.get("max_test_instances"))
+        return Benchmark(
+            "demo", tasks, seen, held_out, demo.get("max_train_instances"), demo.get("max_test_instances")
+        )
     tasks = load_superni_tasks(root / "tasks", annotations=annotations)
     split = load_splits(root / "splits.json", known_tasks=tasks)
     return Benchmark(name, tasks, split.seen, split.held_out)

@@ -204,7 +204,9 @@ def tasks_from_records(
     mapping = {**DEFAULT_COLUMNS, **(columns or {})}
     unknown = set(columns or {}) - set(DEFAULT_COLUMNS)
     if unknown:
-        raise DataError(f"{source}: unknown field(s) in column mapping: {sorted(unknown)}; known: {sorted(DEFAULT_COLUMNS)}")
+        raise DataError(
+            f"{source}: unknown field(s) in column mapping: {sorted(unknown)}; known: {sorted(DEFAULT_COLUMNS)}"
+        )
     annotations = annotations or {}
     grouped: dict[str, list[Instance]] = {}
     categories: dict[str, str] = {}

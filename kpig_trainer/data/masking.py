@@ -114,9 +114,7 @@ def _merge(spans: list[tuple[int, int]], instruction: str) -> list[tuple[int, in
     return merged
 
 
-def find_key_part_spans(
-    instruction: str, key_parts: Sequence[str], *, whole_words: bool = True
-) -> KeyPartMatch:
+def find_key_part_spans(instruction: str, key_parts: Sequence[str], *, whole_words: bool = True) -> KeyPartMatch:
     """Locate every occurrence of every key part in an instruction.
 
     Args:

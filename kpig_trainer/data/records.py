@@ -14,8 +14,16 @@ logger = logging.getLogger(__name__)
 
 METRICS = ("ACC", "F1", "ROUGE", "BLEU", "Match", "GPT")
 FORMAT_TYPES = (
-    "list", "2d_list", "split", "number", "json", "uppercase_letter", "max_words",
-    "one_answer", "contains", "pattern",
+    "list",
+    "2d_list",
+    "split",
+    "number",
+    "json",
+    "uppercase_letter",
+    "max_words",
+    "one_answer",
+    "contains",
+    "pattern",
 )
 _FORMAT_KEYS = {"split": ("delimiter",), "max_words": ("n",), "contains": ("text",), "pattern": ("regex",)}
 
@@ -206,9 +214,11 @@ class Task:
         missing = check.unmatched
         if missing:
             scope = "the definition" if check.instructions == 1 else f"its {check.instructions} instructions"
-            message = (f"{context}key parts not found in {scope}: {missing}"
-                       + ("; nothing in this task can be masked, so its masked twins equal the instances "
-                          "(IG 0, temperature 2)" if not check.maskable else ""))
+            message = f"{context}key parts not found in {scope}: {missing}" + (
+                "; nothing in this task can be masked, so its masked twins equal the instances (IG 0, temperature 2)"
+                if not check.maskable
+                else ""
+            )
             if strict_key_parts:
                 raise DataError(message)
             logger.warning(message)
@@ -217,8 +227,9 @@ class Task:
     def key_part_check(self) -> "KeyPartCheck":
         """Which key parts occur where: the definition and every distinct (instruction, key
         parts) pair of the instances are matched once each."""
-        pairs = dict.fromkeys([(self.definition, tuple(self.key_parts)),
-                               *((i.instruction, tuple(i.key_parts)) for i in self.instances)])
+        pairs = dict.fromkeys(
+            [(self.definition, tuple(self.key_parts)), *((i.instruction, tuple(i.key_parts)) for i in self.instances)]
+        )
         unmatched: dict[str, None] = {}
         maskable = False
         for instruction, parts in pairs:
@@ -227,8 +238,12 @@ class Task:
             missing = unmatched_key_parts(instruction, parts)
             unmatched.update(dict.fromkeys(missing))
             maskable = maskable or len(missing) < len([p for p in parts if p.strip()])
-        return KeyPartCheck(has_key_parts=any(parts for _, parts in pairs), maskable=maskable,
-                            unmatched=list(unmatched), instructions=len({i for i, _ in pairs}))
+        return KeyPartCheck(
+            has_key_parts=any(parts for _, parts in pairs),
+            maskable=maskable,
+            unmatched=list(unmatched),
+            instructions=len({i for i, _ in pairs}),
+        )
 
     @property
     def maskable(self) -> bool:

@@ -111,7 +111,7 @@ class BleuReferences:
 
     def _closest_length(self, length: int) -> int:
         k = bisect.bisect_left(self._lengths, length)
-        options = self._lengths[max(k - 1, 0): k + 1]
+        options = self._lengths[max(k - 1, 0) : k + 1]
         return min(options, key=lambda r: (abs(r - length), r))
 
     def bleu(self, stats: tuple[dict[tuple[str, ...], int], int]) -> float:
@@ -127,8 +127,15 @@ class BleuReferences:
         for gram in ngrams.keys() & table.keys():  # the intersection runs in C
             count, limit = ngrams[gram], table[gram]
             correct[len(gram) - 1] += count if count < limit else limit
-        return BLEU.compute_bleu(correct, total, length, self._closest_length(length), smooth_method="exp",
-                                 effective_order=True, max_ngram_order=MAX_NGRAM_ORDER).score
+        return BLEU.compute_bleu(
+            correct,
+            total,
+            length,
+            self._closest_length(length),
+            smooth_method="exp",
+            effective_order=True,
+            max_ngram_order=MAX_NGRAM_ORDER,
+        ).score
 
 
 def self_bleu_sample(

@@ -13,13 +13,29 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 from kpig_trainer.data.records import DataError, Instance, Task
-from kpig_trainer.data.sampling import TEST_SAMPLINGS, balanced_sample, check_test_sampling, label_key, self_bleu_sample
+from kpig_trainer.data.sampling import (
+    TEST_SAMPLINGS,
+    balanced_sample,
+    check_test_sampling,
+    label_key,
+    self_bleu_sample,
+)
 
 logger = logging.getLogger(__name__)
 
 # label_key and balanced_sample live in .sampling; they stay importable from here.
-__all__ = ["ORDERS", "STAGE_ORDERS", "TEST_SAMPLINGS", "Stage", "Stream", "balanced_sample", "build_stream",
-           "label_key", "plan_stages", "split_task"]
+__all__ = [
+    "ORDERS",
+    "STAGE_ORDERS",
+    "TEST_SAMPLINGS",
+    "Stage",
+    "Stream",
+    "balanced_sample",
+    "build_stream",
+    "label_key",
+    "plan_stages",
+    "split_task",
+]
 
 ORDERS = ("ST", "SC")
 STAGE_ORDERS = ("given", "shuffle")
@@ -105,33 +121,38 @@ class Stream:
         rows = []
         for name in self.seen + self.held_out:
             task = self.tasks[name]
-            rows.append({
-                "task": name,
-                "category": task.category,
-                "metric": task.constraints.metric,
-                "role": "seen" if name in self.seen else "held-out",
-                "stage": self.stage_of(name) + 1 if name in self.seen else "-",
-                "train": len(self.train.get(name, [])),
-                "test": len(self.test.get(name, [])),
-                "key_parts": len(task.key_parts),
-                "maskable": "yes" if task.maskable else "no",
-            })
+            rows.append(
+                {
+                    "task": name,
+                    "category": task.category,
+                    "metric": task.constraints.metric,
+                    "role": "seen" if name in self.seen else "held-out",
+                    "stage": self.stage_of(name) + 1 if name in self.seen else "-",
+                    "train": len(self.train.get(name, [])),
+                    "test": len(self.test.get(name, [])),
+                    "key_parts": len(task.key_parts),
+                    "maskable": "yes" if task.maskable else "no",
+                }
+            )
         return rows
 
 
 def _features():
-    from datasets import Features, Sequence as Seq, Value
+    from datasets import Features, Value
+    from datasets import Sequence as Seq
 
-    return Features({
-        "id": Value("string"),
-        "task": Value("string"),
-        "category": Value("string"),
-        "stage": Value("int32"),
-        "instruction": Value("string"),
-        "input": Value("string"),
-        "outputs": Seq(Value("string")),
-        "key_parts": Seq(Value("string")),
-    })
+    return Features(
+        {
+            "id": Value("string"),
+            "task": Value("string"),
+            "category": Value("string"),
+            "stage": Value("int32"),
+            "instruction": Value("string"),
+            "input": Value("string"),
+            "outputs": Seq(Value("string")),
+            "key_parts": Seq(Value("string")),
+        }
+    )
 
 
 def _n_test(total: int, test_size: int | float, cap: int | None, task: str) -> int:
@@ -150,8 +171,13 @@ def _n_test(total: int, test_size: int | float, cap: int | None, task: str) -> i
     if cap is not None:
         n = min(n, cap)
     if isinstance(test_size, int) and n > total // 2 and total >= 2:
-        logger.warning("task %r: %d instances cannot give %d test instances and keep half for training; "
-                       "taking %d test instances", task, total, n, total // 2)
+        logger.warning(
+            "task %r: %d instances cannot give %d test instances and keep half for training; taking %d test instances",
+            task,
+            total,
+            n,
+            total // 2,
+        )
         n = total // 2
     if n >= total:
         raise DataError(f"task {task!r}: {total} instance(s) cannot give {n} test and at least 1 train instance")
@@ -294,18 +320,32 @@ def build_stream(
     train, test = {}, {}
     for name in seen:
         train[name], test[name] = split_task(
-            tasks[name], seed=seed, test_size=test_size, max_train_instances=max_train_instances,
-            max_test_instances=max_test_instances, balance_labels=balance_labels, test_sampling=test_sampling,
+            tasks[name],
+            seed=seed,
+            test_size=test_size,
+            max_train_instances=max_train_instances,
+            max_test_instances=max_test_instances,
+            balance_labels=balance_labels,
+            test_sampling=test_sampling,
         )
     for name in held_out:
         _, test[name] = split_task(
-            tasks[name], seed=seed, max_test_instances=max_test_instances, balance_labels=balance_labels,
-            test_only=True, test_sampling=test_sampling,
+            tasks[name],
+            seed=seed,
+            max_test_instances=max_test_instances,
+            balance_labels=balance_labels,
+            test_only=True,
+            test_sampling=test_sampling,
         )
     used = {n: tasks[n] for n in list(seen) + list(held_out)}
     settings = {
-        "order": order, "stage_order": stage_order, "seed": seed, "test_size": test_size,
-        "max_train_instances": max_train_instances, "max_test_instances": max_test_instances,
-        "balance_labels": balance_labels, "test_sampling": test_sampling,
+        "order": order,
+        "stage_order": stage_order,
+        "seed": seed,
+        "test_size": test_size,
+        "max_train_instances": max_train_instances,
+        "max_test_instances": max_test_instances,
+        "balance_labels": balance_labels,
+        "test_sampling": test_sampling,
     }
     return Stream(stages, used, train, test, list(seen), list(held_out), order, seed, settings)

@@ -68,8 +68,10 @@ def _parse(data: bytes, path: Path, key_parts: bool = True) -> tuple[list[dict[s
                 entries.append(_check_entry(json.loads(raw.decode("utf-8")), "", key_parts))
             except (ValueError, UnicodeDecodeError) as error:
                 if not is_last:
-                    raise DataError(f"{path}: line {number}: corrupt pool entry ({error}); "
-                                    f"only a torn last line is repaired automatically") from None
+                    raise DataError(
+                        f"{path}: line {number}: corrupt pool entry ({error}); "
+                        f"only a torn last line is repaired automatically"
+                    ) from None
                 logger.warning("%s: line %d is incomplete or corrupt (%s); dropping it", path, number, error)
                 return entries, offset
         offset += len(raw) + 1

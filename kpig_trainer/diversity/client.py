@@ -27,13 +27,20 @@ from typing import Any, Callable
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "DiversityClient", "DiversityError", "EndpointError", "EndpointUnavailable", "RequestRejected",
+    "DiversityClient",
+    "DiversityError",
+    "EndpointError",
+    "EndpointUnavailable",
+    "RequestRejected",
     "RunStopped",
 ]
 
 _RETRY_STATUSES = frozenset({408, 409, 429})
-_FATAL_STATUSES = {401: "the API key was refused", 403: "the key has no access to this model",
-                   404: "unknown model or wrong base_url"}
+_FATAL_STATUSES = {
+    401: "the API key was refused",
+    403: "the key has no access to this model",
+    404: "unknown model or wrong base_url",
+}
 
 
 class DiversityError(RuntimeError):
@@ -230,8 +237,11 @@ class DiversityClient:
         """
         import openai
 
-        kwargs: dict[str, Any] = {"model": self.model, "temperature": self.temperature,
-                                  "messages": [{"role": "user", "content": prompt}]}
+        kwargs: dict[str, Any] = {
+            "model": self.model,
+            "temperature": self.temperature,
+            "messages": [{"role": "user", "content": prompt}],
+        }
         if self.max_tokens is not None:
             kwargs["max_tokens"] = self.max_tokens
         for attempt in range(1, self.max_attempts + 1):
@@ -257,8 +267,10 @@ class DiversityClient:
                 last = error
             else:
                 usage = getattr(response, "usage", None)
-                self._count(prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
-                            completion_tokens=getattr(usage, "completion_tokens", 0) or 0)
+                self._count(
+                    prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
+                    completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
+                )
                 choices = getattr(response, "choices", None) or []
                 message = getattr(choices[0], "message", None) if choices else None
                 return (getattr(message, "content", None) or "") if message is not None else ""
@@ -267,8 +279,14 @@ class DiversityClient:
                 break
             delay = self._delay(attempt, last)
             self._count(retries=1)
-            logger.info("LLM request failed (%s: %s); retry %d/%d in %.1fs",
-                        type(last).__name__, last, attempt, self.max_attempts - 1, delay)
+            logger.info(
+                "LLM request failed (%s: %s); retry %d/%d in %.1fs",
+                type(last).__name__,
+                last,
+                attempt,
+                self.max_attempts - 1,
+                delay,
+            )
             self._wait(delay)
         unavailable = EndpointUnavailable(
             f"the LLM endpoint still failed after {self.max_attempts} attempts "

@@ -59,8 +59,9 @@ class LLMBackend:
 
     strategies = STRATEGIES
 
-    def __init__(self, client: DiversityClient, templates: PromptTemplates | None = None, *,
-                 extract_attempts: int = 2):
+    def __init__(
+        self, client: DiversityClient, templates: PromptTemplates | None = None, *, extract_attempts: int = 2
+    ):
         self.client = client
         self.templates = templates or load_templates()
         self.extract_attempts = max(1, extract_attempts)
@@ -111,8 +112,9 @@ class LLMBackend:
             logger.warning("attempt %d: no proposed key part occurs in the instruction: %r", attempt, candidates)
         return []
 
-    def evolve(self, strategy: str, instruction: str, key_parts: Sequence[str], example: tuple[str, str],
-               rng: random.Random) -> str:
+    def evolve(
+        self, strategy: str, instruction: str, key_parts: Sequence[str], example: tuple[str, str], rng: random.Random
+    ) -> str:
         """One evolved instruction, cleaned but not yet validated.
 
         Raises:
@@ -120,6 +122,7 @@ class LLMBackend:
         """
         if strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {strategy!r}; choose from {STRATEGIES}")
-        prompt = self.templates.render(strategy, instruction=instruction, key_parts=key_parts,
-                                       input=example[0], output=example[1])
+        prompt = self.templates.render(
+            strategy, instruction=instruction, key_parts=key_parts, input=example[0], output=example[1]
+        )
         return clean_instruction(self.client.chat(prompt))

@@ -47,14 +47,18 @@ def _bracketed(text: str) -> list[str]:
     for opening, closing in (("[", "]"), ("{", "}")):
         start, end = text.find(opening), text.rfind(closing)
         if 0 <= start < end:
-            candidates.append(text[start:end + 1])
+            candidates.append(text[start : end + 1])
     return sorted(candidates, key=len, reverse=True)
 
 
 def _unquote(text: str) -> str:
     """Drop quotes that wrap the whole text (not a quote that ends a label inside it)."""
-    if len(text) >= 2 and text[0] in _QUOTE_CHARS and text[-1] in _QUOTE_CHARS and \
-            not any(c in _QUOTE_CHARS for c in text[1:-1]):
+    if (
+        len(text) >= 2
+        and text[0] in _QUOTE_CHARS
+        and text[-1] in _QUOTE_CHARS
+        and not any(c in _QUOTE_CHARS for c in text[1:-1])
+    ):
         return text[1:-1].strip()
     return text
 

@@ -41,8 +41,13 @@ from kpig_trainer.data.records import Task
 from kpig_trainer.diversity.extract import validate_key_parts
 
 __all__ = [
-    "HEURISTIC_STRATEGIES", "HeuristicBackend", "evaluate_heuristic", "extract_key_parts_heuristic",
-    "format_evaluation", "heuristic_rewrite", "split_sentences",
+    "HEURISTIC_STRATEGIES",
+    "HeuristicBackend",
+    "evaluate_heuristic",
+    "extract_key_parts_heuristic",
+    "format_evaluation",
+    "heuristic_rewrite",
+    "split_sentences",
 ]
 
 HEURISTIC_STRATEGIES = ("paraphrase", "reorder", "preamble", "reasoning")
@@ -57,10 +62,10 @@ def split_sentences(text: str) -> list[tuple[int, int]]:
     """``(start, end)`` spans of the sentences of ``text`` (line breaks also end a sentence)."""
     spans, start = [], 0
     for boundary in _BOUNDARY.finditer(text):
-        words = text[start:boundary.start()].split()
+        words = text[start : boundary.start()].split()
         if boundary.group().strip(" \t") == "" and words and words[-1].casefold() in _ABBREVIATIONS:
             continue  # "i.e. Statement 2" does not end a sentence
-        if text[start:boundary.start()].strip():
+        if text[start : boundary.start()].strip():
             spans.append((start, boundary.start()))
         start = boundary.end()
     if text[start:].strip():
@@ -78,36 +83,59 @@ def _trim(text: str, start: int, end: int, chars: str = " \t\r\n") -> tuple[int,
 
 # --- extraction ------------------------------------------------------------------------------
 _NUMBER = r"(?:\d+|one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|fifteen|twenty|fifty|hundred)"
-_GIVEN = re.compile(r"^(?:in this task,?\s*)?(?:you(?:'re| are| will be)?\s+(?:given|provided|shown|presented)|"
-                    r"given\b|this task (?:gives|provides))", re.I)
-_JOB = re.compile(r"\b(?:(?:your|the) (?:job|task|goal|aim|objective) (?:here )?is to|you (?:are|will be) "
-                  r"(?:expected|asked|required|supposed) to|you (?:need|have|must|should|will need) to|"
-                  r"you (?:should|must)|please)\s+", re.I)
-_DIRECTIVE = re.compile(r"^(?:please\s+)?(?:answer|output|return|respond|reply|generate|write|classify|"
-                        r"categori[sz]e|label|select|choose|pick|identify|detect|determine|decide|indicate|list|"
-                        r"count|find|give|provide|extract|translate|summari[sz]e|create|rewrite|convert|sort|remove|"
-                        r"compute|calculate|predict|rate|judge|mark|separate|make sure|ensure|avoid|"
-                        r"keep(?! in mind)|use|do not|don't|never|only)\b", re.I)
-_ANSWER_CUE = re.compile(r"\b(?:answer(?:s|ed)? (?:with|using|by|in|must|should)|respond(?: with)?|"
-                         r"response should|reply with|output|return(?:ed)?|generate|classify|your answer|"
-                         r"the answer (?:must|should|is)|must|should|do not|don't|make sure|select from|"
-                         r"choose (?:from|between|one)|pick|in the form of)\b", re.I)
+_GIVEN = re.compile(
+    r"^(?:in this task,?\s*)?(?:you(?:'re| are| will be)?\s+(?:given|provided|shown|presented)|"
+    r"given\b|this task (?:gives|provides))",
+    re.I,
+)
+_JOB = re.compile(
+    r"\b(?:(?:your|the) (?:job|task|goal|aim|objective) (?:here )?is to|you (?:are|will be) "
+    r"(?:expected|asked|required|supposed) to|you (?:need|have|must|should|will need) to|"
+    r"you (?:should|must)|please)\s+",
+    re.I,
+)
+_DIRECTIVE = re.compile(
+    r"^(?:please\s+)?(?:answer|output|return|respond|reply|generate|write|classify|"
+    r"categori[sz]e|label|select|choose|pick|identify|detect|determine|decide|indicate|list|"
+    r"count|find|give|provide|extract|translate|summari[sz]e|create|rewrite|convert|sort|remove|"
+    r"compute|calculate|predict|rate|judge|mark|separate|make sure|ensure|avoid|"
+    r"keep(?! in mind)|use|do not|don't|never|only)\b",
+    re.I,
+)
+_ANSWER_CUE = re.compile(
+    r"\b(?:answer(?:s|ed)? (?:with|using|by|in|must|should)|respond(?: with)?|"
+    r"response should|reply with|output|return(?:ed)?|generate|classify|your answer|"
+    r"the answer (?:must|should|is)|must|should|do not|don't|make sure|select from|"
+    r"choose (?:from|between|one)|pick|in the form of)\b",
+    re.I,
+)
 _OUTPUT_NOUN = re.compile(r"\b(?:answer|output|response|result|return|reply)", re.I)
 _EXAMPLE = re.compile(r"^(?:for (?:example|instance)|e\.g\.|example)\b", re.I)
-_FORMAT_WORD = re.compile(r"\b(?:list|comma|json|numbers?|numeric|integers?|yes/no|yes or no|true or false|"
-                          r"in brackets|separated by)\b", re.I)
-_LENGTH = re.compile(rf"\b(?:less than|fewer than|under|at most|no more than|not exceed|maximum of|up to|"
-                     rf"exactly|at least) {_NUMBER}\s+(?:words?|sentences?|characters?|letters?|tokens?|items?)\b",
-                     re.I)
+_FORMAT_WORD = re.compile(
+    r"\b(?:list|comma|json|numbers?|numeric|integers?|yes/no|yes or no|true or false|"
+    r"in brackets|separated by)\b",
+    re.I,
+)
+_LENGTH = re.compile(
+    rf"\b(?:less than|fewer than|under|at most|no more than|not exceed|maximum of|up to|"
+    rf"exactly|at least) {_NUMBER}\s+(?:words?|sentences?|characters?|letters?|tokens?|items?)\b",
+    re.I,
+)
 _Q = "[\"'\u201c\u2018`]"
-_QUOTED_SET = re.compile(rf"{_Q}[^\"'\u201d\u2019`]{{1,40}}[\"'\u201d\u2019`]\s*(?:,|/|or|and)\s*"
-                         rf"(?:or\s+|and\s+)?{_Q}", re.I)
+_QUOTED_SET = re.compile(
+    rf"{_Q}[^\"'\u201d\u2019`]{{1,40}}[\"'\u201d\u2019`]\s*(?:,|/|or|and)\s*"
+    rf"(?:or\s+|and\s+)?{_Q}",
+    re.I,
+)
 _CAPITAL_SET = re.compile(r"\b[A-Z][\w-]*(?:\s*,\s*[A-Z][\w-]*)*,?\s+(?:or|and)\s+[A-Z][\w-]*\b")
 _LEADING_FILLER = re.compile(r"^(?:note that|also,?|then,?|remember that|keep in mind that|finally,?|and)\s+", re.I)
 
 
-_LABEL_SOURCES = re.compile(rf"{_Q}(\w[^\"'\u201d\u2019`]{{0,28}}\w)[\"'\u201d\u2019`]|"
-                            r"\b(?:from|with|between|either)\s+(\w{3,})\s+(?:and|or)\s+(\w{3,})\b", re.I)
+_LABEL_SOURCES = re.compile(
+    rf"{_Q}(\w[^\"'\u201d\u2019`]{{0,28}}\w)[\"'\u201d\u2019`]|"
+    r"\b(?:from|with|between|either)\s+(\w{3,})\s+(?:and|or)\s+(\w{3,})\b",
+    re.I,
+)
 _NOT_LABELS = {"yes", "no", "true", "false", "none", "the", "and", "not", "one", "two", "both"}
 
 
@@ -130,7 +158,7 @@ def _key_part_start(sentence: str, labels: set[str]) -> int | None:
         if job:  # "In this task you will be given a list and you should remove ..."
             return job.end()
         after_comma = re.match(r"^given\b[^,]{0,150},\s*", sentence, re.I)
-        if after_comma and _DIRECTIVE.match(sentence[after_comma.end():]):
+        if after_comma and _DIRECTIVE.match(sentence[after_comma.end() :]):
             return after_comma.end()  # "Given a comment, classify it ..."
         return None
     if _EXAMPLE.match(sentence):  # worked examples restate the rules for one case
@@ -138,11 +166,19 @@ def _key_part_start(sentence: str, labels: set[str]) -> int | None:
     if job and job.start() < 40:  # "Your job is to detect the speaker."
         return job.end()
     words = set(re.findall(r"\w+", sentence.casefold()))
-    if (job or _DIRECTIVE.match(sentence) or _ANSWER_CUE.search(sentence) or _LENGTH.search(sentence)
-            or _QUOTED_SET.search(sentence) or words & labels  # the definition of a label
-            or (_FORMAT_WORD.search(sentence) and _OUTPUT_NOUN.search(sentence))
-            or (_CAPITAL_SET.search(sentence) and re.search(r"\b(?:answer|output|label|select|choose|form)",
-                                                             sentence, re.I))):
+    if (
+        job
+        or _DIRECTIVE.match(sentence)
+        or _ANSWER_CUE.search(sentence)
+        or _LENGTH.search(sentence)
+        or _QUOTED_SET.search(sentence)
+        or words & labels  # the definition of a label
+        or (_FORMAT_WORD.search(sentence) and _OUTPUT_NOUN.search(sentence))
+        or (
+            _CAPITAL_SET.search(sentence)
+            and re.search(r"\b(?:answer|output|label|select|choose|form)", sentence, re.I)
+        )
+    ):
         filler = _LEADING_FILLER.match(sentence)
         return filler.end() if filler else 0
     return None
@@ -163,16 +199,24 @@ def extract_key_parts_heuristic(instruction: str) -> list[str]:
 
 # --- rewrites --------------------------------------------------------------------------------
 _PREAMBLES = (
-    "Read the task description below before you start.", "Here is a task for you.",
-    "Please work on the following task.", "The following describes what you need to do.",
-    "Take a moment to go through these directions.", "Consider the task described next.",
-    "Below is a description of your task.", "Your assignment is described below.",
-    "Here are the directions for this task.", "The task is explained in what follows.",
+    "Read the task description below before you start.",
+    "Here is a task for you.",
+    "Please work on the following task.",
+    "The following describes what you need to do.",
+    "Take a moment to go through these directions.",
+    "Consider the task described next.",
+    "Below is a description of your task.",
+    "Your assignment is described below.",
+    "Here are the directions for this task.",
+    "The task is explained in what follows.",
 )
 _CLOSINGS = (  # neutral: they add no requirement that an answer could break
-    "Keep the requirements above in mind.", "Make sure your response follows the directions above.",
-    "Check your answer against these directions before giving it.", "Read the input carefully before you answer.",
-    "Follow these directions closely.", "Pay attention to every detail of the directions.",
+    "Keep the requirements above in mind.",
+    "Make sure your response follows the directions above.",
+    "Check your answer against these directions before giving it.",
+    "Read the input carefully before you answer.",
+    "Follow these directions closely.",
+    "Pay attention to every detail of the directions.",
 )
 _REASONING = (
     "Think the task through step by step before answering, then give only the final answer in the required form.",
@@ -181,23 +225,45 @@ _REASONING = (
     "Reason about the input in small steps first; your reply should contain only the answer.",
 )
 _FRAMING_GROUPS = (
-    ("In this task, you are given", "In this task, you're given", "In this task you are given",
-     "In this task, you will be given", "In this task you will be given", "You are given", "You're given",
-     "You will be given", "You are provided with", "You will receive", "This task gives you"),
-    ("Your job is to", "Your task is to", "The task is to", "You are expected to", "You need to",
-     "You have to", "You are asked to", "You should"),
+    (
+        "In this task, you are given",
+        "In this task, you're given",
+        "In this task you are given",
+        "In this task, you will be given",
+        "In this task you will be given",
+        "You are given",
+        "You're given",
+        "You will be given",
+        "You are provided with",
+        "You will receive",
+        "This task gives you",
+    ),
+    (
+        "Your job is to",
+        "Your task is to",
+        "The task is to",
+        "You are expected to",
+        "You need to",
+        "You have to",
+        "You are asked to",
+        "You should",
+    ),
 )
-_FRAMING = re.compile("|".join(re.escape(p) for p in sorted({p for g in _FRAMING_GROUPS for p in g}, key=len,
-                                                               reverse=True)), re.I)
-_ANAPHORIC = re.compile(r"^(?:this|that|these|those|it|its|they|their|them|otherwise|however|then|also|so|thus|"
-                        r"therefore|hence|such|but|and|or|both|each|for (?:example|instance)|note|similarly|here)\b"
-                        r"|\b(?:above|below|previous|following|aforementioned|respectively)\b", re.I)
+_FRAMING = re.compile(
+    "|".join(re.escape(p) for p in sorted({p for g in _FRAMING_GROUPS for p in g}, key=len, reverse=True)), re.I
+)
+_ANAPHORIC = re.compile(
+    r"^(?:this|that|these|those|it|its|they|their|them|otherwise|however|then|also|so|thus|"
+    r"therefore|hence|such|but|and|or|both|each|for (?:example|instance)|note|similarly|here)\b"
+    r"|\b(?:above|below|previous|following|aforementioned|respectively)\b",
+    re.I,
+)
 
 
 def _strip_additions(text: str) -> tuple[str, str, str]:
     """Split off an opening and a closing sentence that our rewrites added: (opening, core, closing)."""
     opening = next((p for p in _PREAMBLES if text.startswith(p + " ")), "")
-    core = text[len(opening):].lstrip() if opening else text
+    core = text[len(opening) :].lstrip() if opening else text
     closing = next((c for c in _CLOSINGS + _REASONING if core.endswith(" " + c)), "")
     core = core[: len(core) - len(closing)].rstrip() if closing else core
     return opening, core, closing
@@ -223,7 +289,7 @@ def _paraphrase(core: str, key_parts: Sequence[str], rng: random.Random) -> str:
         initial = [p for p in group if not p.startswith("In this task") or match.start() == 0]
         new = _other([p for p in initial if p.casefold() != phrase.casefold()] or [phrase], phrase, rng)
         new = new[0].upper() + new[1:] if phrase[0].isupper() else new[0].lower() + new[1:]
-        pieces += [core[cursor:match.start()], new]
+        pieces += [core[cursor : match.start()], new]
         cursor = match.end()
     return "".join(pieces) + core[cursor:]
 
@@ -291,16 +357,20 @@ class HeuristicBackend:
     def strategies_for(self, instruction: str, key_parts: Sequence[str]) -> list[str]:
         """The strategies that can change this instruction (nothing to swap: no paraphrase)."""
         core = _strip_additions(instruction.strip())[1]
-        return [s for s in self.strategies
-                if (s != "paraphrase" or _swappable(core, key_parts)) and (s != "reorder" or _movable(core, key_parts))]
+        return [
+            s
+            for s in self.strategies
+            if (s != "paraphrase" or _swappable(core, key_parts)) and (s != "reorder" or _movable(core, key_parts))
+        ]
 
     def extract(self, instruction: str, example: tuple[str, str]) -> list[str]:
         """Key parts of ``instruction`` by :func:`extract_key_parts_heuristic`, ignoring the
         neutral sentences our own rewrites add ("Make sure your response follows ...")."""
         return extract_key_parts_heuristic(_strip_additions(instruction.strip())[1])
 
-    def evolve(self, strategy: str, instruction: str, key_parts: Sequence[str], example: tuple[str, str],
-               rng: random.Random) -> str:
+    def evolve(
+        self, strategy: str, instruction: str, key_parts: Sequence[str], example: tuple[str, str], rng: random.Random
+    ) -> str:
         """One rewrite of ``instruction`` by :func:`heuristic_rewrite`."""
         return heuristic_rewrite(instruction, key_parts, strategy, rng)
 
@@ -321,8 +391,9 @@ def _prf(overlap: int, predicted: int, gold: int) -> dict[str, float]:
     return {"precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0}
 
 
-def evaluate_heuristic(tasks: Mapping[str, Task] | Sequence[Task],
-                       extractor=extract_key_parts_heuristic) -> dict[str, Any]:
+def evaluate_heuristic(
+    tasks: Mapping[str, Task] | Sequence[Task], extractor=extract_key_parts_heuristic
+) -> dict[str, Any]:
     """Character-level span overlap of ``extractor`` with the tasks' hand-written key parts.
 
     For each task with annotated key parts, the predicted and gold spans are located in the
@@ -341,8 +412,15 @@ def evaluate_heuristic(tasks: Mapping[str, Task] | Sequence[Task],
         text = task.definition
         gold, predicted = _covered(text, task.key_parts), _covered(text, extractor(text))
         overlap = len(gold & predicted)
-        rows.append({"task": task.name, "gold_chars": len(gold), "pred_chars": len(predicted),
-                     "overlap": overlap, **_prf(overlap, len(predicted), len(gold))})
+        rows.append(
+            {
+                "task": task.name,
+                "gold_chars": len(gold),
+                "pred_chars": len(predicted),
+                "overlap": overlap,
+                **_prf(overlap, len(predicted), len(gold)),
+            }
+        )
         totals = [totals[0] + overlap, totals[1] + len(predicted), totals[2] + len(gold)]
         all_chars = _covered(text, [text])
         base = [base[0] + len(gold), base[1] + len(all_chars)]
@@ -351,9 +429,15 @@ def evaluate_heuristic(tasks: Mapping[str, Task] | Sequence[Task],
             hit += bool(_covered(text, [part]) & predicted)
     count = len(rows) or 1
     macro = {k: sum(r[k] for r in rows) / count for k in ("precision", "recall", "f1")}
-    return {"tasks": rows, "evaluated": len(rows), "skipped": len(tasks) - len(rows),
-            "micro": _prf(*totals), "macro": macro, "whole_definition": _prf(base[0], base[1], base[0]),
-            "gold_spans_hit": hit / n_gold if n_gold else 0.0}
+    return {
+        "tasks": rows,
+        "evaluated": len(rows),
+        "skipped": len(tasks) - len(rows),
+        "micro": _prf(*totals),
+        "macro": macro,
+        "whole_definition": _prf(base[0], base[1], base[0]),
+        "gold_spans_hit": hit / n_gold if n_gold else 0.0,
+    }
 
 
 def format_evaluation(result: Mapping[str, Any], per_task: bool = True) -> str:
@@ -363,12 +447,16 @@ def format_evaluation(result: Mapping[str, Any], per_task: bool = True) -> str:
         width = max([len(r["task"]) for r in result["tasks"]] + [4])
         lines.append(f"{'task':<{width}}  precision  recall  gold  pred")
         for r in result["tasks"]:
-            lines.append(f"{r['task']:<{width}}  {r['precision']:9.3f}  {r['recall']:6.3f}  "
-                         f"{r['gold_chars']:4d}  {r['pred_chars']:4d}")
+            lines.append(
+                f"{r['task']:<{width}}  {r['precision']:9.3f}  {r['recall']:6.3f}  "
+                f"{r['gold_chars']:4d}  {r['pred_chars']:4d}"
+            )
         lines.append("")
     for name in ("micro", "macro", "whole_definition"):
         m = result[name]
         lines.append(f"{name:>16}: precision {m['precision']:.3f}  recall {m['recall']:.3f}  f1 {m['f1']:.3f}")
-    lines.append(f"{'gold spans hit':>16}: {result['gold_spans_hit']:.3f}  "
-                 f"({result['evaluated']} tasks with key parts, {result['skipped']} without)")
+    lines.append(
+        f"{'gold spans hit':>16}: {result['gold_spans_hit']:.3f}  "
+        f"({result['evaluated']} tasks with key parts, {result['skipped']} without)"
+    )
     return "\n".join(lines)

@@ -88,27 +88,52 @@ class DiversitySummary:
     def to_dict(self) -> dict[str, Any]:
         """Plain data (JSON-ready)."""
         return {
-            "pool_size": self.pool_size, "model": self.model, "cache_dir": self.cache_dir,
-            "complete": self.complete, "elapsed_s": round(self.elapsed, 3), "stats": dict(self.stats),
+            "pool_size": self.pool_size,
+            "model": self.model,
+            "cache_dir": self.cache_dir,
+            "complete": self.complete,
+            "elapsed_s": round(self.elapsed, 3),
+            "stats": dict(self.stats),
             "rejections": dict(self.rejections),
-            "tasks": {name: {"entries": t.entries, "existing": t.existing, "added": t.added,
-                             "attempts": t.attempts, "rejections": dict(t.rejections),
-                             "status": t.status, "message": t.message}
-                      for name, t in self.tasks.items()},
+            "tasks": {
+                name: {
+                    "entries": t.entries,
+                    "existing": t.existing,
+                    "added": t.added,
+                    "attempts": t.attempts,
+                    "rejections": dict(t.rejections),
+                    "status": t.status,
+                    "message": t.message,
+                }
+                for name, t in self.tasks.items()
+            },
         }
 
     def format_table(self) -> str:
         """The table ``kpig diversify`` prints."""
         from kpig_trainer.data.summary import format_table
 
-        rows = [{"task": t.task, "pool": t.entries, "existing": t.existing, "added": t.added,
-                 "attempts": t.attempts, "rejected": sum(t.rejections.values()), "status": t.status}
-                for t in self.tasks.values()]
+        rows = [
+            {
+                "task": t.task,
+                "pool": t.entries,
+                "existing": t.existing,
+                "added": t.added,
+                "attempts": t.attempts,
+                "rejected": sum(t.rejections.values()),
+                "status": t.status,
+            }
+            for t in self.tasks.values()
+        ]
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(self.rejections.items())) or "none"
         stats = ", ".join(f"{k} {v}" for k, v in self.stats.items()) or "no endpoint"
-        lines = [f"Instruction pools ({self.model}, target {self.pool_size} per task) in {self.cache_dir}",
-                 format_table(rows), f"Rejections: {reasons}", f"Endpoint: {stats}",
-                 f"Elapsed: {self.elapsed:.1f}s"]
+        lines = [
+            f"Instruction pools ({self.model}, target {self.pool_size} per task) in {self.cache_dir}",
+            format_table(rows),
+            f"Rejections: {reasons}",
+            f"Endpoint: {stats}",
+            f"Elapsed: {self.elapsed:.1f}s",
+        ]
         lines += [f"{t.task}: {t.message}" for t in self.tasks.values() if t.message]
         return "\n".join(lines)
 
@@ -124,8 +149,11 @@ def _seed_entry(task: Task, backend: Any, example: tuple[str, str]) -> dict[str,
     if task.key_parts:
         checked = validate_key_parts(task.definition, task.key_parts)
         if checked.dropped:
-            logger.warning("task %r: annotated key parts not found in the definition: %s",
-                           task.name, [c for c, _ in checked.dropped])
+            logger.warning(
+                "task %r: annotated key parts not found in the definition: %s",
+                task.name,
+                [c for c, _ in checked.dropped],
+            )
         key_parts, by = checked.kept, "annotation"
     else:
         try:
@@ -136,12 +164,26 @@ def _seed_entry(task: Task, backend: Any, example: tuple[str, str]) -> dict[str,
         by = backend.name
         if not key_parts:
             logger.warning("task %r: no key parts found for the seed instruction", task.name)
-    return {"instruction": task.definition, "key_parts": key_parts, "strategy": "seed", "parent": None,
-            "model": None, "key_parts_by": by, "timestamp": now()}
+    return {
+        "instruction": task.definition,
+        "key_parts": key_parts,
+        "strategy": "seed",
+        "parent": None,
+        "model": None,
+        "key_parts_by": by,
+        "timestamp": now(),
+    }
 
 
-def _candidate(backend: Any, templates: PromptTemplates | None, strategy: str, parent: Mapping[str, Any],
-               example: tuple[str, str], rng: random.Random, seen: set[str]) -> tuple[str | None, Any]:
+def _candidate(
+    backend: Any,
+    templates: PromptTemplates | None,
+    strategy: str,
+    parent: Mapping[str, Any],
+    example: tuple[str, str],
+    rng: random.Random,
+    seen: set[str],
+) -> tuple[str | None, Any]:
     """Evolve once and validate: ``(None, (text, key_parts))`` when accepted, else ``(reason, None)``."""
     try:
         text = backend.evolve(strategy, parent["instruction"], parent["key_parts"], example, rng).strip()
@@ -167,10 +209,19 @@ def _candidate(backend: Any, templates: PromptTemplates | None, strategy: str, p
     return ("no_key_parts", None) if not key_parts else (None, (text, key_parts))
 
 
-def grow_pool(task: Task, backend: Any, directory: str | Path, pool_size: int, *, seed: int = 0,
-              strategies: Sequence[str] | None = None, templates: PromptTemplates | None = None,
-              max_attempts_per_entry: int = 5, stop: threading.Event | None = None,
-              on_entries: Callable[[int], None] | None = None) -> TaskResult:
+def grow_pool(
+    task: Task,
+    backend: Any,
+    directory: str | Path,
+    pool_size: int,
+    *,
+    seed: int = 0,
+    strategies: Sequence[str] | None = None,
+    templates: PromptTemplates | None = None,
+    max_attempts_per_entry: int = 5,
+    stop: threading.Event | None = None,
+    on_entries: Callable[[int], None] | None = None,
+) -> TaskResult:
     """Grow (or resume) one task's pool in ``directory`` up to ``pool_size`` entries.
 
     Args:
@@ -186,9 +237,19 @@ def grow_pool(task: Task, backend: Any, directory: str | Path, pool_size: int, *
     """
     result = TaskResult(task.name)
     try:
-        return _grow(task, backend, directory, pool_size, result, seed=seed, strategies=strategies,
-                     templates=templates, max_attempts_per_entry=max_attempts_per_entry, stop=stop,
-                     on_entries=on_entries)
+        return _grow(
+            task,
+            backend,
+            directory,
+            pool_size,
+            result,
+            seed=seed,
+            strategies=strategies,
+            templates=templates,
+            max_attempts_per_entry=max_attempts_per_entry,
+            stop=stop,
+            on_entries=on_entries,
+        )
     except RunStopped as error:  # another worker failed for good; this pool is fine as it is
         result.status, result.message = "stopped", str(error)
         return result
@@ -198,16 +259,29 @@ def grow_pool(task: Task, backend: Any, directory: str | Path, pool_size: int, *
         raise
 
 
-def _grow(task: Task, backend: Any, directory: str | Path, pool_size: int, result: TaskResult, *, seed: int,
-          strategies: Sequence[str] | None, templates: PromptTemplates | None, max_attempts_per_entry: int,
-          stop: threading.Event | None, on_entries: Callable[[int], None] | None) -> TaskResult:
+def _grow(
+    task: Task,
+    backend: Any,
+    directory: str | Path,
+    pool_size: int,
+    result: TaskResult,
+    *,
+    seed: int,
+    strategies: Sequence[str] | None,
+    templates: PromptTemplates | None,
+    max_attempts_per_entry: int,
+    stop: threading.Event | None,
+    on_entries: Callable[[int], None] | None,
+) -> TaskResult:
     strategies = list(strategies or backend.strategies)
     with PoolFile(directory, task.name) as pool:
         entries = pool.entries
         result.existing = len(entries)
         if entries and entries[0]["instruction"].strip() != task.definition.strip():
-            raise DataError(f"{pool.path}: this pool was grown from another seed instruction than the "
-                            f"definition of task {task.name!r}; delete the file or choose another folder")
+            raise DataError(
+                f"{pool.path}: this pool was grown from another seed instruction than the "
+                f"definition of task {task.name!r}; delete the file or choose another folder"
+            )
         rng = random.Random(f"{seed}:{task.name}:{len(entries)}")
         examples = _examples(task)
         if on_entries and entries:
@@ -225,10 +299,14 @@ def _grow(task: Task, backend: Any, directory: str | Path, pool_size: int, resul
                 return result
             if result.attempts >= budget:
                 reasons = ", ".join(f"{k} {v}" for k, v in result.rejections.most_common())
-                result.status, result.message = "incomplete", (
-                    f"gave up after {result.attempts} attempts with {len(entries)}/{pool_size} entries "
-                    f"(rejections: {reasons}); check the endpoint, the model and the templates, then rerun "
-                    f"to resume")
+                result.status, result.message = (
+                    "incomplete",
+                    (
+                        f"gave up after {result.attempts} attempts with {len(entries)}/{pool_size} entries "
+                        f"(rejections: {reasons}); check the endpoint, the model and the templates, then rerun "
+                        f"to resume"
+                    ),
+                )
                 logger.warning("task %r: %s", task.name, result.message)
                 return result
             result.attempts += 1
@@ -236,8 +314,9 @@ def _grow(task: Task, backend: Any, directory: str | Path, pool_size: int, resul
             parent = entries[parent_index]
             # A backend may know that some strategies cannot change this parent (offline rewrites).
             usable = getattr(backend, "strategies_for", None)
-            choices = [s for s in usable(parent["instruction"], parent["key_parts"]) if s in strategies] \
-                if usable else []
+            choices = (
+                [s for s in usable(parent["instruction"], parent["key_parts"]) if s in strategies] if usable else []
+            )
             strategy = rng.choice(choices or strategies)
             reason, accepted = _candidate(backend, templates, strategy, parent, rng.choice(examples), rng, seen)
             if reason is not None:
@@ -245,9 +324,17 @@ def _grow(task: Task, backend: Any, directory: str | Path, pool_size: int, resul
                 logger.debug("task %r: %s answer rejected (%s)", task.name, strategy, reason)
                 continue
             text, key_parts = accepted
-            pool.append({"instruction": text, "key_parts": key_parts, "strategy": strategy,
-                         "parent": parent_index, "model": backend.name, "key_parts_by": backend.name,
-                         "timestamp": now()})
+            pool.append(
+                {
+                    "instruction": text,
+                    "key_parts": key_parts,
+                    "strategy": strategy,
+                    "parent": parent_index,
+                    "model": backend.name,
+                    "key_parts_by": backend.name,
+                    "timestamp": now(),
+                }
+            )
             seen.add(normalize_instruction(text))
             result.added += 1
             if on_entries:
@@ -310,8 +397,9 @@ def diversify(
         backend = LLMBackend(client, templates)
     unknown = [s for s in strategies or () if s not in backend.strategies]
     if unknown:
-        raise ValueError(f"unknown strategies {unknown} for the {backend.name} backend; "
-                         f"choose from {backend.strategies}")
+        raise ValueError(
+            f"unknown strategies {unknown} for the {backend.name} backend; choose from {backend.strategies}"
+        )
     summary = DiversitySummary(pool_size, backend.name, str(cache_dir))
     stop = threading.Event()
     from tqdm.auto import tqdm
@@ -324,9 +412,18 @@ def diversify(
             bar.update(n)
 
     def work(task: Task) -> TaskResult:
-        return grow_pool(task, backend, cache_dir, pool_size, seed=seed, strategies=strategies,
-                         templates=templates if client is not None else None,
-                         max_attempts_per_entry=max_attempts_per_entry, stop=stop, on_entries=advance)
+        return grow_pool(
+            task,
+            backend,
+            cache_dir,
+            pool_size,
+            seed=seed,
+            strategies=strategies,
+            templates=templates if client is not None else None,
+            max_attempts_per_entry=max_attempts_per_entry,
+            stop=stop,
+            on_entries=advance,
+        )
 
     def halt() -> None:
         stop.set()
@@ -356,8 +453,10 @@ def diversify(
             summary.tasks[name] = future.result()
         else:
             summary.tasks[name] = getattr(error, "task_result", None) or TaskResult(
-                name, status="error", message=f"{type(error).__name__}: {error}" if not isinstance(error, DataError)
-                else str(error))
+                name,
+                status="error",
+                message=f"{type(error).__name__}: {error}" if not isinstance(error, DataError) else str(error),
+            )
     # A reused client keeps counting across runs: report this run's share only.
     summary.stats = {k: v - counters_before.get(k, 0) for k, v in backend.stats().items()}
     summary.elapsed = time.monotonic() - start

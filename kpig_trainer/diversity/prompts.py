@@ -49,13 +49,18 @@ class PromptTemplates:
     texts: Mapping[str, str]
     sources: Mapping[str, str]
 
-    def render(self, name: str, *, instruction: str, key_parts: Sequence[str] = (), input: str = "",
-               output: str = "") -> str:
+    def render(
+        self, name: str, *, instruction: str, key_parts: Sequence[str] = (), input: str = "", output: str = ""
+    ) -> str:
         """Fill template ``name``; key parts are written as a JSON list."""
         if name not in self.texts:
             raise KeyError(f"no prompt template {name!r}; have {sorted(self.texts)}")
-        values = {"instruction": instruction, "input": input or "(none)", "output": output,
-                  "key_parts": json.dumps(list(key_parts), ensure_ascii=False)}
+        values = {
+            "instruction": instruction,
+            "input": input or "(none)",
+            "output": output,
+            "key_parts": json.dumps(list(key_parts), ensure_ascii=False),
+        }
         return _PLACEHOLDER.sub(lambda m: values[m.group(1)], self.texts[name])
 
     @property

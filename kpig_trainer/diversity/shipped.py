@@ -32,11 +32,16 @@ def check_pools_option(option: str | None, custom_tasks: str | None) -> None:
         raise DataError(
             f"instruction_pools={SHIPPED_POOLS!r} selects the pools shipped with the benchmarks {BENCHMARKS}, "
             f"but this run reads its own tasks (tasks={custom_tasks!r}); build pools for them with "
-            f"`kpig diversify --tasks {custom_tasks} --out DIR` and set instruction_pools to DIR")
+            f"`kpig diversify --tasks {custom_tasks} --out DIR` and set instruction_pools to DIR"
+        )
 
 
-def load_run_pools(option: str | None, tasks: Sequence[str], *, custom_tasks: str | None = None,
-                   ) -> dict[str, list[dict[str, Any]]] | None:
+def load_run_pools(
+    option: str | None,
+    tasks: Sequence[str],
+    *,
+    custom_tasks: str | None = None,
+) -> dict[str, list[dict[str, Any]]] | None:
     """The pools of a run (:attr:`ContinualArguments.instruction_pools`), read once.
 
     Args:
@@ -54,13 +59,19 @@ def load_run_pools(option: str | None, tasks: Sequence[str], *, custom_tasks: st
         return None
     if option != SHIPPED_POOLS:
         if not Path(option).is_dir():
-            raise DataError(f"instruction_pools={option!r}: folder not found; grow pools into it with "
-                            f"`kpig diversify --out {option} ...`, or use {SHIPPED_POOLS!r} for the shipped ones")
+            raise DataError(
+                f"instruction_pools={option!r}: folder not found; grow pools into it with "
+                f"`kpig diversify --out {option} ...`, or use {SHIPPED_POOLS!r} for the shipped ones"
+            )
         pools = load_pools(option)
         missing = [t for t in tasks if t not in pools]
         if missing:
-            logger.warning("instruction_pools=%r has no pool for %d task(s) (e.g. %s); they train on their own "
-                           "instruction", option, len(missing), missing[:3])
+            logger.warning(
+                "instruction_pools=%r has no pool for %d task(s) (e.g. %s); they train on their own instruction",
+                option,
+                len(missing),
+                missing[:3],
+            )
         return pools
     check_pools_option(option, custom_tasks)
     pools = load_pools(SHIPPED_POOLS_DIR) if SHIPPED_POOLS_DIR.is_dir() else {}
@@ -69,5 +80,6 @@ def load_run_pools(option: str | None, tasks: Sequence[str], *, custom_tasks: st
         raise DataError(
             f"instruction_pools={SHIPPED_POOLS!r}: {Path(SHIPPED_POOLS_DIR)} has no pool for {len(missing)} "
             f"task(s) of this run: {missing[:5]}{' ...' if len(missing) > 5 else ''}; rebuild them with "
-            f"`{_REBUILD}`")
+            f"`{_REBUILD}`"
+        )
     return pools

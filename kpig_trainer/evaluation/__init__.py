@@ -1,5 +1,6 @@
 """Scoring for continual instruction tuning: metrics, constraint violations, P/V-score."""
 
+from kpig_trainer._lazy import lazy_exports
 from kpig_trainer.evaluation.constraints import (
     as_constraints,
     is_out_of_scope,
@@ -22,19 +23,27 @@ from kpig_trainer.evaluation.metrics import (
     set_match,
     token_f1,
 )
-from kpig_trainer._lazy import lazy_exports
 from kpig_trainer.evaluation.scores import TaskScore, p_score, score_task, v_score, v_score_paper, violation_rates
 
 # Generation, evaluation, the continual matrix, probes and reports are imported on first
 # use, so that importing the metrics (or `kpig compare`) does not import torch.
 _LAZY = {
-    "EvalResult": "kpig_trainer.evaluation.evaluate", "evaluate_stream_stage": "kpig_trainer.evaluation.evaluate", "evaluate_tasks": "kpig_trainer.evaluation.evaluate",
-    "information_gains": "kpig_trainer.evaluation.evaluate", "generate_answers": "kpig_trainer.evaluation.generation", "max_new_tokens_for": "kpig_trainer.evaluation.generation",
-    "ContinualMatrix": "kpig_trainer.evaluation.matrix", "StageRecord": "kpig_trainer.evaluation.matrix", "instruction_variant_probe": "kpig_trainer.evaluation.probes",
-    "load_probe": "kpig_trainer.evaluation.probes", "misleading_constraint_probe": "kpig_trainer.evaluation.probes", "run_probe": "kpig_trainer.evaluation.probes",
-    "compare_markdown": "kpig_trainer.evaluation.report", "read_report": "kpig_trainer.evaluation.report", "write_report": "kpig_trainer.evaluation.report",
+    "EvalResult": "kpig_trainer.evaluation.evaluate",
+    "evaluate_stream_stage": "kpig_trainer.evaluation.evaluate",
+    "evaluate_tasks": "kpig_trainer.evaluation.evaluate",
+    "information_gains": "kpig_trainer.evaluation.evaluate",
+    "generate_answers": "kpig_trainer.evaluation.generation",
+    "max_new_tokens_for": "kpig_trainer.evaluation.generation",
+    "ContinualMatrix": "kpig_trainer.evaluation.matrix",
+    "StageRecord": "kpig_trainer.evaluation.matrix",
+    "instruction_variant_probe": "kpig_trainer.evaluation.probes",
+    "load_probe": "kpig_trainer.evaluation.probes",
+    "misleading_constraint_probe": "kpig_trainer.evaluation.probes",
+    "run_probe": "kpig_trainer.evaluation.probes",
+    "compare_markdown": "kpig_trainer.evaluation.report",
+    "read_report": "kpig_trainer.evaluation.report",
+    "write_report": "kpig_trainer.evaluation.report",
 }
-
 
 
 __all__ = [

@@ -18,7 +18,15 @@ from typing import Any
 from kpig_trainer.data.records import Instance, Task
 from kpig_trainer.evaluation.generation import generate_answers
 from kpig_trainer.evaluation.judge import JudgeError
-from kpig_trainer.evaluation.scores import VIOLATION_TYPES, TaskScore, p_score, score_task, v_score, v_score_paper, violation_rates
+from kpig_trainer.evaluation.scores import (
+    VIOLATION_TYPES,
+    TaskScore,
+    p_score,
+    score_task,
+    v_score,
+    v_score_paper,
+    violation_rates,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -160,10 +168,19 @@ def information_gains(
     from kpig_trainer.kpig.scoring import score_instances
 
     if collator is None:
-        collator = build_collator(tokenizer, scoring=True, max_length=max_length, mask_token=mask_token,
-                                  system_prompt=system_prompt)
-    return score_instances(model, instances, collator, kind="ig", alpha=alpha, batch_size=batch_size,
-                           show_progress=show_progress, desc="information gain")
+        collator = build_collator(
+            tokenizer, scoring=True, max_length=max_length, mask_token=mask_token, system_prompt=system_prompt
+        )
+    return score_instances(
+        model,
+        instances,
+        collator,
+        kind="ig",
+        alpha=alpha,
+        batch_size=batch_size,
+        show_progress=show_progress,
+        desc="information gain",
+    )
 
 
 def evaluate_tasks(
@@ -220,9 +237,17 @@ def evaluate_tasks(
         names.append(name)
     flat = [i for name in names for i in instances_by_task[name]]
     answers = generate_answers(
-        model, tokenizer, flat, tasks, batch_size=batch_size, max_new_tokens=max_new_tokens,
-        demonstrations=demonstrations, held_out=held_out, held_out_demonstrations=held_out_demonstrations,
-        system_prompt=system_prompt, show_progress=show_progress,
+        model,
+        tokenizer,
+        flat,
+        tasks,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        demonstrations=demonstrations,
+        held_out=held_out,
+        held_out_demonstrations=held_out_demonstrations,
+        system_prompt=system_prompt,
+        show_progress=show_progress,
     )
     generated = time.perf_counter()
 
@@ -230,12 +255,15 @@ def evaluate_tasks(
     judge_error = None
     for name in names:
         instances = list(instances_by_task[name])
-        task_answers = answers[offset:offset + len(instances)]
+        task_answers = answers[offset : offset + len(instances)]
         offset += len(instances)
         instructions = {i.instruction for i in instances}
         arguments = dict(
-            task_name=name, predictions=task_answers, references_list=[i.outputs for i in instances],
-            constraints=tasks[name].constraints, inputs=[i.input for i in instances],
+            task_name=name,
+            predictions=task_answers,
+            references_list=[i.outputs for i in instances],
+            constraints=tasks[name].constraints,
+            inputs=[i.input for i in instances],
             instruction=instructions.pop() if len(instructions) == 1 else tasks[name].definition,
         )
         try:
@@ -256,13 +284,20 @@ def evaluate_tasks(
     ig: dict[str, float | None] = {}
     if compute_ig:
         gains = information_gains(
-            model, tokenizer, flat, alpha=alpha, batch_size=ig_batch_size or batch_size,
-            mask_token=mask_token, system_prompt=system_prompt, collator=ig_collator, show_progress=show_progress,
+            model,
+            tokenizer,
+            flat,
+            alpha=alpha,
+            batch_size=ig_batch_size or batch_size,
+            mask_token=mask_token,
+            system_prompt=system_prompt,
+            collator=ig_collator,
+            show_progress=show_progress,
         )
         offset = 0
         for name in names:
             count = len(instances_by_task[name])
-            values = [g for g in gains[offset:offset + count] if g is not None]
+            values = [g for g in gains[offset : offset + count] if g is not None]
             offset += count
             ig[name] = _mean(values)
     done = time.perf_counter()
@@ -273,13 +308,20 @@ def evaluate_tasks(
         held_out=[n for n in names if n in held_out],
         ig=ig,
         timings={
-            "generation": generated - start, "scoring": scored - generated,
-            "ig": done - scored, "total": done - start,
+            "generation": generated - start,
+            "scoring": scored - generated,
+            "ig": done - scored,
+            "total": done - start,
         },
         settings={
-            "batch_size": batch_size, "max_new_tokens": max_new_tokens, "demonstrations": demonstrations,
-            "held_out_demonstrations": held_out_demonstrations, "system_prompt": system_prompt,
-            "compute_ig": compute_ig, "alpha": alpha, "mask_token": mask_token,
+            "batch_size": batch_size,
+            "max_new_tokens": max_new_tokens,
+            "demonstrations": demonstrations,
+            "held_out_demonstrations": held_out_demonstrations,
+            "system_prompt": system_prompt,
+            "compute_ig": compute_ig,
+            "alpha": alpha,
+            "mask_token": mask_token,
             "judge": None if judge is None or not getattr(judge, "available", False) else judge.model,
             "judge_error": judge_error,
             "instances": len(flat),
@@ -300,8 +342,12 @@ def evaluate_stream_stage(model, tokenizer, stream, stage_index: int | None, **k
         raise IndexError(f"stage_index {stage_index} outside 0..{len(stream.stages) - 1}")
     order = list(stream.seen) + list(stream.held_out)
     result = evaluate_tasks(
-        model, tokenizer, stream.tasks, {name: stream.test[name] for name in order},
-        held_out=stream.held_out, **kwargs,
+        model,
+        tokenizer,
+        stream.tasks,
+        {name: stream.test[name] for name in order},
+        held_out=stream.held_out,
+        **kwargs,
     )
     trained = [] if stage_index is None else stream.seen_before(stage_index + 1)
     result.settings.update(stage=stage_index, trained=trained)

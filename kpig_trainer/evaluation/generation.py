@@ -103,8 +103,9 @@ def demonstrations_for(task: Task, count: int) -> list:
     return list(task.positive_examples[:count])
 
 
-def _demonstration_count(task: str, demonstrations: int | Mapping[str, int], held_out: Collection[str],
-                         held_out_demonstrations: int) -> int:
+def _demonstration_count(
+    task: str, demonstrations: int | Mapping[str, int], held_out: Collection[str], held_out_demonstrations: int
+) -> int:
     if isinstance(demonstrations, Mapping) and task in demonstrations:
         return int(demonstrations[task])
     if task in held_out:
@@ -132,10 +133,15 @@ def build_prompts(
     for instance in instances:
         task = tasks[instance.task]
         count = _demonstration_count(instance.task, demonstrations, held_out, held_out_demonstrations)
-        prompts.append(format_prompt(
-            tokenizer, instance.instruction, instance.input,
-            demonstrations=demonstrations_for(task, count), system_prompt=system_prompt,
-        ))
+        prompts.append(
+            format_prompt(
+                tokenizer,
+                instance.instruction,
+                instance.input,
+                demonstrations=demonstrations_for(task, count),
+                system_prompt=system_prompt,
+            )
+        )
     return prompts
 
 
@@ -171,7 +177,7 @@ def _leading_special_ids(tokenizer) -> list[int]:
     plain = tokenizer("a", add_special_tokens=False)["input_ids"]
     special = tokenizer("a", add_special_tokens=True)["input_ids"]
     for start in range(len(special) - len(plain) + 1):
-        if special[start:start + len(plain)] == plain:
+        if special[start : start + len(plain)] == plain:
             return special[:start]
     return []
 
@@ -253,8 +259,13 @@ def generate_answers(
     from tqdm.auto import tqdm
 
     prompts = build_prompts(
-        tokenizer, instances, tasks, demonstrations=demonstrations, held_out=held_out,
-        held_out_demonstrations=held_out_demonstrations, system_prompt=system_prompt,
+        tokenizer,
+        instances,
+        tasks,
+        demonstrations=demonstrations,
+        held_out=held_out,
+        held_out_demonstrations=held_out_demonstrations,
+        system_prompt=system_prompt,
     )
     prefix = [] if has_chat_template(tokenizer) else _leading_special_ids(tokenizer)
     encoded = [prefix + ids for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
@@ -273,7 +284,7 @@ def generate_answers(
     batches = []
     for name in budgets:
         rows = sorted((k for k, i in enumerate(instances) if i.task == name), key=lambda k: (-len(encoded[k]), k))
-        batches.extend((name, rows[s:s + batch_size]) for s in range(0, len(rows), batch_size))
+        batches.extend((name, rows[s : s + batch_size]) for s in range(0, len(rows), batch_size))
 
     device = _model_device(model)
     answers: list[str | None] = [None] * len(instances)
@@ -287,7 +298,9 @@ def generate_answers(
                 attention = torch.tensor([[0] * (width - len(encoded[k])) + [1] * len(encoded[k]) for k in rows])
                 config = _generation_config(model, budgets[name], stop_ids, pad_id)
                 output = model.generate(
-                    input_ids=input_ids.to(device), attention_mask=attention.to(device), generation_config=config,
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention.to(device),
+                    generation_config=config,
                 )
                 stop = set(stop_ids)
                 for row, sequence in zip(rows, output[:, width:].tolist()):

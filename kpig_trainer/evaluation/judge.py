@@ -51,8 +51,10 @@ def check_api_key(api_key_env: str | None, base_url: str, option: str = "api_key
     """Raise ValueError, naming ``option``, when ``api_key_env`` names an unset (or empty)
     environment variable: a judge without its key would silently fall back to ROUGE-L."""
     if api_key_env and not os.environ.get(api_key_env):
-        raise ValueError(f"{option}: the environment variable {api_key_env} is not set; export it with the key "
-                         f"of {base_url}, or set {option} to '' for an endpoint without a key")
+        raise ValueError(
+            f"{option}: the environment variable {api_key_env} is not set; export it with the key "
+            f"of {base_url}, or set {option} to '' for an endpoint without a key"
+        )
 
 
 def _describe(label: str, text: str | None) -> str:
@@ -108,9 +110,7 @@ class LLMJudge:
         return bool(self.base_url) and has_key
 
     @staticmethod
-    def build_prompt(
-        instruction: str | None, input_text: str | None, references: Sequence[str] | None = None
-    ) -> str:
+    def build_prompt(instruction: str | None, input_text: str | None, references: Sequence[str] | None = None) -> str:
         """The task part of the question (everything but the answer): the instruction, the
         input and, when given, example answers known to be acceptable."""
         parts = [_describe("Task instruction", instruction), _describe("Input", input_text)]

@@ -62,8 +62,12 @@ def _cell(score: TaskScore | Mapping[str, Any], ig: float | None) -> dict[str, A
     v = get("v_score") if isinstance(score, Mapping) and "v_score" in score else _mean(rates)
     return {
         "performance": float(get("performance")),
-        "v_score": v, "wfr": get("wfr"), "oos": get("oos"), "wr": get("wr"),
-        "ig": ig if ig is not None else get("ig"), "n": get("n"),
+        "v_score": v,
+        "wfr": get("wfr"),
+        "oos": get("oos"),
+        "wr": get("wr"),
+        "ig": ig if ig is not None else get("ig"),
+        "n": get("n"),
     }
 
 
@@ -133,7 +137,8 @@ class ContinualMatrix:
     def from_stream(cls, stream) -> "ContinualMatrix":
         """An empty matrix for a :class:`kpig_trainer.data.Stream`."""
         return cls(
-            seen=list(stream.seen), held_out=list(stream.held_out),
+            seen=list(stream.seen),
+            held_out=list(stream.held_out),
             task_stage={t: stream.stage_of(t) for t in stream.seen},
             stage_names=[stage.name for stage in stream.stages],
         )
@@ -145,8 +150,9 @@ class ContinualMatrix:
         """The columns: seen tasks, then held-out tasks."""
         return [*self.seen, *self.held_out]
 
-    def record(self, stage: int | None, result: Any, ig: Mapping[str, float | None] | None = None,
-               label: str | None = None) -> StageRecord:
+    def record(
+        self, stage: int | None, result: Any, ig: Mapping[str, float | None] | None = None, label: str | None = None
+    ) -> StageRecord:
         """Add (or replace) the row of ``stage`` (None: the initial model).
 
         ``result`` is an :class:`~kpig_trainer.evaluation.evaluate.EvalResult` (its ``scores``
@@ -159,11 +165,16 @@ class ContinualMatrix:
         if label is None:
             label = "init" if stage is None else f"stage {stage + 1}"
         trained = [t for t in self.seen if stage is not None and self.task_stage[t] <= stage]
-        row = StageRecord(stage, label, cells, {
-            "seen": _group(cells, self.seen),
-            "trained": _group(cells, trained),
-            "held_out": _group(cells, self.held_out),
-        })
+        row = StageRecord(
+            stage,
+            label,
+            cells,
+            {
+                "seen": _group(cells, self.seen),
+                "trained": _group(cells, trained),
+                "held_out": _group(cells, self.held_out),
+            },
+        )
         if stage is None:
             self.initial = row
         else:
@@ -226,7 +237,7 @@ class ContinualMatrix:
         drops = []
         for i in self.seen:
             if self.task_stage[i] < t and self.value(t, i) is not None:
-                past = [self.value(l, i) for l in range(self.task_stage[i], t)]
+                past = [self.value(row, i) for row in range(self.task_stage[i], t)]
                 past = [v for v in past if v is not None]
                 if past:
                     drops.append(max(past) - self.value(t, i))
@@ -289,11 +300,14 @@ class ContinualMatrix:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict, metrics included (:meth:`from_dict` ignores them)."""
+
         def row(r: StageRecord) -> dict[str, Any]:
             return {"stage": r.stage, "label": r.label, "cells": r.cells, "summary": r.summary}
 
         return {
-            "seen": self.seen, "held_out": self.held_out, "task_stage": self.task_stage,
+            "seen": self.seen,
+            "held_out": self.held_out,
+            "task_stage": self.task_stage,
             "stage_names": self.stage_names,
             "initial": row(self.initial) if self.initial is not None else None,
             "rows": [row(r) for r in self.rows],
@@ -303,12 +317,21 @@ class ContinualMatrix:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ContinualMatrix":
         """Rebuild a matrix from :meth:`to_dict` output."""
-        def row(d: Mapping[str, Any]) -> StageRecord:
-            return StageRecord(d["stage"], d["label"], {k: dict(v) for k, v in d["cells"].items()},
-                               {k: dict(v) for k, v in d.get("summary", {}).items()})
 
-        matrix = cls(list(data["seen"]), list(data["held_out"]), {k: int(v) for k, v in data["task_stage"].items()},
-                     list(data.get("stage_names", [])))
+        def row(d: Mapping[str, Any]) -> StageRecord:
+            return StageRecord(
+                d["stage"],
+                d["label"],
+                {k: dict(v) for k, v in d["cells"].items()},
+                {k: dict(v) for k, v in d.get("summary", {}).items()},
+            )
+
+        matrix = cls(
+            list(data["seen"]),
+            list(data["held_out"]),
+            {k: int(v) for k, v in data["task_stage"].items()},
+            list(data.get("stage_names", [])),
+        )
         matrix.initial = row(data["initial"]) if data.get("initial") else None
         matrix.rows = sorted((row(r) for r in data.get("rows", [])), key=lambda r: r.stage)
         return matrix

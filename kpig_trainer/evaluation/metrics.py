@@ -39,7 +39,6 @@ __all__ = [
 ]
 
 
-
 def exact_match(prediction: str, references: Sequence[str]) -> float:
     """ACC: 1.0 when the normalised prediction equals any normalised reference, else 0.0."""
     pred = normalize_answer(prediction)

@@ -72,8 +72,9 @@ def plot_heatmap(
             if not math.isnan(value):
                 red, green, blue, _ = image.cmap(image.norm(value))  # the cell's colour decides the ink
                 light = 0.299 * red + 0.587 * green + 0.114 * blue > 0.5
-                axes.text(c, r, f"{value:.0f}", ha="center", va="center", fontsize=7,
-                          color="black" if light else "white")
+                axes.text(
+                    c, r, f"{value:.0f}", ha="center", va="center", fontsize=7, color="black" if light else "white"
+                )
     figure.colorbar(image, ax=axes, label=colorbar_label, fraction=0.04)
     return _save(figure, path)
 
@@ -98,14 +99,20 @@ def plot_scores_over_stages(path: str | Path, curves: Mapping[str, Sequence]) ->
     far, all seen tasks and the held-out tasks (``ContinualMatrix.curves()``)."""
     labels = curves["labels"]
     figure = _figure(max(8.0, 0.5 * len(labels) + 6), 3.8)
-    for k, (key, ylabel) in enumerate((("p_score", "P-score (higher is better)"),
-                                        ("v_score", "V-score (lower is better)"))):
+    for k, (key, ylabel) in enumerate(
+        (("p_score", "P-score (higher is better)"), ("v_score", "V-score (lower is better)"))
+    ):
         axes = figure.add_subplot(1, 2, k + 1)
-        _lines(axes, labels, {
-            "seen, trained so far": curves[f"trained_{key}"],
-            "seen, all": curves[f"seen_{key}"],
-            "held-out": curves[f"held_out_{key}"],
-        }, ylabel)
+        _lines(
+            axes,
+            labels,
+            {
+                "seen, trained so far": curves[f"trained_{key}"],
+                "seen, all": curves[f"seen_{key}"],
+                "held-out": curves[f"held_out_{key}"],
+            },
+            ylabel,
+        )
         axes.set_title(ylabel.split(" (")[0] + " over stages")
     return _save(figure, path)
 
@@ -163,13 +170,19 @@ def write_plots(out_dir: str | Path, report: Mapping[str, Any]) -> list[str]:
         m = ContinualMatrix.from_dict(matrix)
         n_seen = len(m.seen)
         for key, name, title, label, cmap in (
-            ("performance", "heatmap_performance.png", "Performance after each stage", "performance (0-100)",
-             "viridis"),
+            (
+                "performance",
+                "heatmap_performance.png",
+                "Performance after each stage",
+                "performance (0-100)",
+                "viridis",
+            ),
             ("v_score", "heatmap_vscore.png", "V-score after each stage", "V-score (0-100)", "magma_r"),
         ):
             rows, tasks, values = m.table(key)
-            plot_heatmap(out_dir / name, rows, tasks, values, title=title, colorbar_label=label, cmap=cmap,
-                         n_seen=n_seen)
+            plot_heatmap(
+                out_dir / name, rows, tasks, values, title=title, colorbar_label=label, cmap=cmap, n_seen=n_seen
+            )
             written.append(name)
         curves = m.curves()
         plot_scores_over_stages(out_dir / "scores_over_stages.png", curves)
@@ -187,8 +200,17 @@ def write_plots(out_dir: str | Path, report: Mapping[str, Any]) -> list[str]:
             ("performance", "heatmap_performance.png", "Performance per task", "performance (0-100)", "viridis"),
             ("v_score", "heatmap_vscore.png", "V-score per task", "V-score (0-100)", "magma_r"),
         ):
-            plot_heatmap(out_dir / name, [label], tasks, [[r.get(key) for r in ordered]], title=title,
-                         colorbar_label=clabel, cmap=cmap, n_seen=n_seen, ylabel="model")
+            plot_heatmap(
+                out_dir / name,
+                [label],
+                tasks,
+                [[r.get(key) for r in ordered]],
+                title=title,
+                colorbar_label=clabel,
+                cmap=cmap,
+                n_seen=n_seen,
+                ylabel="model",
+            )
             written.append(name)
         plot_task_scores(out_dir / "task_scores.png", ordered, title=f"Per-task scores: {label}")
         written.append("task_scores.png")

@@ -83,12 +83,21 @@ def load_probe(task_or_path: str | Path) -> dict[str, Any]:
 
 def _score_row(task: Task, instances: Sequence[Instance], answers: Sequence[str], judge) -> dict[str, Any]:
     score = score_task(
-        task.name, answers, [i.outputs for i in instances], task.constraints,
-        inputs=[i.input for i in instances], judge=judge, instruction=instances[0].instruction,
+        task.name,
+        answers,
+        [i.outputs for i in instances],
+        task.constraints,
+        inputs=[i.input for i in instances],
+        judge=judge,
+        instruction=instances[0].instruction,
     )
     return {
-        "p_score": score.performance, "v_score": task_v_score(score),
-        "wfr": score.wfr, "oos": score.oos, "wr": score.wr, "n": score.n,
+        "p_score": score.performance,
+        "v_score": task_v_score(score),
+        "wfr": score.wfr,
+        "oos": score.oos,
+        "wr": score.wr,
+        "n": score.n,
     }
 
 
@@ -96,7 +105,12 @@ def _ig(model, tokenizer, instances, compute_ig: bool, alpha: float, batch_size:
     if not compute_ig:
         return None
     gains = information_gains(
-        model, tokenizer, instances, alpha=alpha, batch_size=batch_size, system_prompt=system_prompt,
+        model,
+        tokenizer,
+        instances,
+        alpha=alpha,
+        batch_size=batch_size,
+        system_prompt=system_prompt,
     )
     return _mean([g for g in gains if g is not None])
 
@@ -137,17 +151,24 @@ def instruction_variant_probe(
         instruction, key_parts = variant.get("instruction"), variant.get("key_parts")
         swapped = [
             dataclasses.replace(
-                i, instruction=instruction or i.instruction,
+                i,
+                instruction=instruction or i.instruction,
                 key_parts=list(key_parts) if key_parts is not None else list(i.key_parts),
             )
             for i in instances
         ]
         answers = generate_answers(
-            model, tokenizer, swapped, {task.name: task}, batch_size=batch_size, max_new_tokens=max_new_tokens,
-            demonstrations=demonstrations, system_prompt=system_prompt, show_progress=show_progress,
+            model,
+            tokenizer,
+            swapped,
+            {task.name: task},
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+            demonstrations=demonstrations,
+            system_prompt=system_prompt,
+            show_progress=show_progress,
         )
-        row = {"variant": variant.get("name", f"Ins_{len(results) + 1}"),
-               "instruction": swapped[0].instruction}
+        row = {"variant": variant.get("name", f"Ins_{len(results) + 1}"), "instruction": swapped[0].instruction}
         row.update(_score_row(task, swapped, answers, judge))
         row["ig"] = _ig(model, tokenizer, swapped, compute_ig, alpha, batch_size, system_prompt)
         results.append(row)
@@ -217,13 +238,23 @@ def misleading_constraint_probe(
         absent = [old for old in replace if old not in instance.instruction]
         if absent:
             raise ValueError(f"task {task.name!r}: instance {instance.id!r}: {absent} not in its instruction")
-        modified.append(dataclasses.replace(
-            instance, instruction=_apply(instance.instruction, replace),
-            key_parts=[_apply(part, replace) for part in instance.key_parts],
-        ))
+        modified.append(
+            dataclasses.replace(
+                instance,
+                instruction=_apply(instance.instruction, replace),
+                key_parts=[_apply(part, replace) for part in instance.key_parts],
+            )
+        )
     answers = generate_answers(
-        model, tokenizer, modified, {task.name: task}, batch_size=batch_size, max_new_tokens=max_new_tokens,
-        demonstrations=demonstrations, system_prompt=system_prompt, show_progress=show_progress,
+        model,
+        tokenizer,
+        modified,
+        {task.name: task},
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        demonstrations=demonstrations,
+        system_prompt=system_prompt,
+        show_progress=show_progress,
     )
     new_labels, old_labels = list(new_labels), [label for label in old_labels if label not in new_labels]
     counts = {label: 0 for label in [*new_labels, *old_labels]}
@@ -240,7 +271,9 @@ def misleading_constraint_probe(
     result = {
         "n": n,
         "instruction": modified[0].instruction,
-        "replace": dict(replace), "old_labels": old_labels, "new_labels": new_labels,
+        "replace": dict(replace),
+        "old_labels": old_labels,
+        "new_labels": new_labels,
         "counts": counts,
         "rates": {label: percent(count) for label, count in counts.items()},
         "follows_new": percent(sum(counts[label] for label in new_labels)),
@@ -281,7 +314,14 @@ def run_probe(
     options = {k: v for k, v in kwargs.items() if k not in ("include_original", "judge")}
     for spec in probe.get("misleading_constraints", []):
         outcome = misleading_constraint_probe(
-            model, tokenizer, task, instances, spec["replace"], spec["old_labels"], spec["new_labels"], **options,
+            model,
+            tokenizer,
+            task,
+            instances,
+            spec["replace"],
+            spec["old_labels"],
+            spec["new_labels"],
+            **options,
         )
         result["misleading_constraints"].append({"name": spec["name"], **outcome})
     return result

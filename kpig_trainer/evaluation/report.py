@@ -92,13 +92,23 @@ def _task_rows(result, ig: Mapping[str, Any]) -> list[dict[str, Any]]:
 
     rows = []
     for name, score in result.scores.items():
-        rows.append({
-            "task": name, "group": "held_out" if name in result.held_out else "seen",
-            "metric": score.metric, "metric_used": score.metric_used,
-            "performance": score.performance, "v_score": task_v_score(score),
-            "wfr": score.wfr, "oos": score.oos, "wr": score.wr, "n": score.n,
-            "fallback": score.fallback, "ig": ig.get(name), "notes": list(score.notes),
-        })
+        rows.append(
+            {
+                "task": name,
+                "group": "held_out" if name in result.held_out else "seen",
+                "metric": score.metric,
+                "metric_used": score.metric_used,
+                "performance": score.performance,
+                "v_score": task_v_score(score),
+                "wfr": score.wfr,
+                "oos": score.oos,
+                "wr": score.wr,
+                "n": score.n,
+                "fallback": score.fallback,
+                "ig": ig.get(name),
+                "notes": list(score.notes),
+            }
+        )
     return rows
 
 
@@ -109,8 +119,12 @@ def _notes(result, extra: Sequence[str]) -> list[str]:
         if fallback:
             why = "the LLM judge failed" if result.settings.get("judge_error") else "no judge configured"
             notes.append(f"GPT tasks scored with ROUGE-L: {why} ({', '.join(fallback)})")
-        other = [f"{n}: {note}" for n, s in result.scores.items() for note in s.notes
-                 if not note.startswith("GPT metric scored with ROUGE-L")]
+        other = [
+            f"{n}: {note}"
+            for n, s in result.scores.items()
+            for note in s.notes
+            if not note.startswith("GPT metric scored with ROUGE-L")
+        ]
         notes.extend(other)
         shots = result.settings.get("held_out_demonstrations")
         if result.held_out and shots:
@@ -136,10 +150,12 @@ def build_report(
     matrix = result_or_matrix if isinstance(result_or_matrix, ContinualMatrix) else None
     result = final if matrix is not None else result_or_matrix
     report: dict[str, Any] = {
-        "schema": SCHEMA, "kind": "continual" if matrix is not None else "eval",
+        "schema": SCHEMA,
+        "kind": "continual" if matrix is not None else "eval",
         "name": name or (config or {}).get("name") or ("continual run" if matrix is not None else "eval"),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "config": dict(config or {}), "versions": versions(),
+        "config": dict(config or {}),
+        "versions": versions(),
     }
     if result is not None:
         report["summary"] = result.summary()
@@ -152,9 +168,17 @@ def build_report(
         cells = last.cells if last is not None else {}
         report["summary"] = {g: dict(last.summary.get(g, {})) if last else {} for g in _GROUPS}
         report["tasks"] = [
-            {"task": t, "group": "held_out" if t in matrix.held_out else "seen", "metric": None,
-             "metric_used": None, "fallback": False, "notes": [], **cells[t]}
-            for t in matrix.tasks if t in cells
+            {
+                "task": t,
+                "group": "held_out" if t in matrix.held_out else "seen",
+                "metric": None,
+                "metric_used": None,
+                "fallback": False,
+                "notes": [],
+                **cells[t],
+            }
+            for t in matrix.tasks
+            if t in cells
         ]
         report["timings"], report["settings"], report["predictions"] = {}, {}, {}
     report["timings"].update(timings or {})
@@ -183,7 +207,9 @@ def write_report(
     then rename). Returns the report dict.
     """
     out_dir = Path(out_dir)
-    report = build_report(result_or_matrix, config, final=final, name=name, probes=probes, notes=notes, timings=timings)
+    report = build_report(
+        result_or_matrix, config, final=final, name=name, probes=probes, notes=notes, timings=timings
+    )
     if plots:
         from kpig_trainer.evaluation.plots import write_plots
 
@@ -233,13 +259,17 @@ def table1_row(report: Mapping[str, Any]) -> dict[str, Any]:
     metrics = (report.get("matrix") or {}).get("metrics", {})
     return {
         "name": report.get("name"),
-        "seen_p": summary.get("seen", {}).get("p_score"), "seen_v": summary.get("seen", {}).get("v_score"),
+        "seen_p": summary.get("seen", {}).get("p_score"),
+        "seen_v": summary.get("seen", {}).get("v_score"),
         "held_out_p": summary.get("held_out", {}).get("p_score"),
         "held_out_v": summary.get("held_out", {}).get("v_score"),
         "seen_v_paper": summary.get("seen", {}).get("v_score_paper"),
         "held_out_v_paper": summary.get("held_out", {}).get("v_score_paper"),
-        "average": metrics.get("average_performance"), "bwt": metrics.get("bwt"),
-        "forgetting": metrics.get("forgetting"), "fwt": metrics.get("fwt"), "fwt_held_out": metrics.get("fwt_held_out"),
+        "average": metrics.get("average_performance"),
+        "bwt": metrics.get("bwt"),
+        "forgetting": metrics.get("forgetting"),
+        "fwt": metrics.get("fwt"),
+        "fwt_held_out": metrics.get("fwt_held_out"),
     }
 
 
@@ -252,7 +282,8 @@ _MATRIX_KEYS = ("average", "bwt", "forgetting", "fwt", "fwt_held_out")
 _V_SCORE_NOTE = (
     "The headline V-score is the mean of every applicable (task, check) rate, kept so that earlier reports "
     "and the printed stage table stay comparable; V (paper) is the paper's reading, the mean of the WFR, OOS "
-    "and WR means, for comparison with its Table 1.")
+    "and WR means, for comparison with its Table 1."
+)
 
 
 def render_markdown(report: Mapping[str, Any]) -> str:
@@ -262,33 +293,65 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     config = report.get("config", {})
     parts = [f"# KPIG report: {report.get('name')}", ""]
     described = ", ".join(f"{k}: `{config[k]}`" for k in ("model", "adapter", "benchmark") if config.get(k))
-    parts += [f"{report.get('kind', 'eval').capitalize()} report, created {report.get('created')}."
-              + (f" {described}." if described else ""), ""]
-    parts += ["## Summary (Table 1 layout)", "",
-              _table(_TABLE1_HEADER + _PAPER_V_HEADER,
-                     [[row["name"], *(_fmt(row[k]) for k in (*_TABLE1_KEYS, *_PAPER_V_KEYS))]]),
-              "", "P-score: mean task performance (higher is better). V-score: mean violation rate "
-              "(WFR, OOS, WR; lower is better). All 0-100.", "", _V_SCORE_NOTE, ""]
+    parts += [
+        f"{report.get('kind', 'eval').capitalize()} report, created {report.get('created')}."
+        + (f" {described}." if described else ""),
+        "",
+    ]
+    parts += [
+        "## Summary (Table 1 layout)",
+        "",
+        _table(
+            _TABLE1_HEADER + _PAPER_V_HEADER, [[row["name"], *(_fmt(row[k]) for k in (*_TABLE1_KEYS, *_PAPER_V_KEYS))]]
+        ),
+        "",
+        "P-score: mean task performance (higher is better). V-score: mean violation rate "
+        "(WFR, OOS, WR; lower is better). All 0-100.",
+        "",
+        _V_SCORE_NOTE,
+        "",
+    ]
     summary = report.get("summary", {})
     group_keys = ("p_score", "v_score", "v_score_paper", "wfr", "oos", "wr")
     group_rows = [
-        [g.replace("_", "-"), *(_fmt(summary[g].get(k)) for k in group_keys),
-         _fmt(summary[g].get("ig"), 3), _fmt(summary[g].get("n_tasks"))]
-        for g in (*_GROUPS, "all") if summary.get(g)
+        [
+            g.replace("_", "-"),
+            *(_fmt(summary[g].get(k)) for k in group_keys),
+            _fmt(summary[g].get("ig"), 3),
+            _fmt(summary[g].get("n_tasks")),
+        ]
+        for g in (*_GROUPS, "all")
+        if summary.get(g)
     ]
-    parts += [_table(["Group", "P-score", "V-score", "V (paper)", "WFR", "OOS", "WR", "IG", "Tasks"], group_rows),
-              ""]
+    parts += [_table(["Group", "P-score", "V-score", "V (paper)", "WFR", "OOS", "WR", "IG", "Tasks"], group_rows), ""]
     matrix = report.get("matrix")
     if matrix:
         parts += _matrix_section(matrix)
     tasks = report.get("tasks", [])
     if tasks:
-        parts += ["## Per-task scores", "", _table(
-            ["Task", "Group", "Metric", "N", "Performance", "WFR", "OOS", "WR", "V-score", "IG"],
-            [[t["task"], t.get("group", "").replace("_", "-"),
-              (t.get("metric") or "-") + (" (ROUGE-L fallback)" if t.get("fallback") else ""), _fmt(t.get("n")),
-              _fmt(t.get("performance")), _fmt(t.get("wfr")), _fmt(t.get("oos")), _fmt(t.get("wr")),
-              _fmt(t.get("v_score")), _fmt(t.get("ig"), 3)] for t in tasks]), ""]
+        parts += [
+            "## Per-task scores",
+            "",
+            _table(
+                ["Task", "Group", "Metric", "N", "Performance", "WFR", "OOS", "WR", "V-score", "IG"],
+                [
+                    [
+                        t["task"],
+                        t.get("group", "").replace("_", "-"),
+                        (t.get("metric") or "-") + (" (ROUGE-L fallback)" if t.get("fallback") else ""),
+                        _fmt(t.get("n")),
+                        _fmt(t.get("performance")),
+                        _fmt(t.get("wfr")),
+                        _fmt(t.get("oos")),
+                        _fmt(t.get("wr")),
+                        _fmt(t.get("v_score")),
+                        _fmt(t.get("ig"), 3),
+                    ]
+                    for t in tasks
+                ],
+            ),
+            "",
+        ]
     for task, probe in (report.get("probes") or {}).items():
         parts += _probe_section(task, probe)
     if report.get("notes"):
@@ -310,21 +373,53 @@ def _matrix_section(matrix: Mapping[str, Any]) -> list[str]:
     metrics = m.metrics()
     values = [metrics.get(k) for k in ("average_performance", "bwt", "forgetting", "fwt", "fwt_held_out")]
     labels, tasks, table = m.table("performance")
-    lines = ["## Continual-learning matrix", "", _table(_MATRIX_HEADER, [[_fmt(v) for v in values]]), "",
-             "Average: final mean over seen tasks trained so far; BWT and forgetting over tasks trained before "
-             "the final stage; FWT against the initial model (needs an `init` row). Definitions in "
-             "`kpig_trainer/evaluation/matrix.py`.", "",
-             "Performance after each stage (rows) on each task (columns):", "",
-             _table(["After", *tasks], [[label, *(_fmt(v) for v in row)] for label, row in zip(labels, table)]), ""]
+    lines = [
+        "## Continual-learning matrix",
+        "",
+        _table(_MATRIX_HEADER, [[_fmt(v) for v in values]]),
+        "",
+        "Average: final mean over seen tasks trained so far; BWT and forgetting over tasks trained before "
+        "the final stage; FWT against the initial model (needs an `init` row). Definitions in "
+        "`kpig_trainer/evaluation/matrix.py`.",
+        "",
+        "Performance after each stage (rows) on each task (columns):",
+        "",
+        _table(["After", *tasks], [[label, *(_fmt(v) for v in row)] for label, row in zip(labels, table)]),
+        "",
+    ]
     curves = m.curves()
-    lines += ["P/V-score per stage:", "", _table(
-        ["After", "Trained P", "Trained V", "Held-out P", "Held-out V", "Trained V (paper)", "Held-out V (paper)",
-         "Seen IG", "Held-out IG"],
-        [[label, _fmt(curves["trained_p_score"][k]), _fmt(curves["trained_v_score"][k]),
-          _fmt(curves["held_out_p_score"][k]), _fmt(curves["held_out_v_score"][k]),
-          _fmt(curves["trained_v_score_paper"][k]), _fmt(curves["held_out_v_score_paper"][k]),
-          _fmt(curves["seen_ig"][k], 3), _fmt(curves["held_out_ig"][k], 3)]
-         for k, label in enumerate(curves["labels"])]), ""]
+    lines += [
+        "P/V-score per stage:",
+        "",
+        _table(
+            [
+                "After",
+                "Trained P",
+                "Trained V",
+                "Held-out P",
+                "Held-out V",
+                "Trained V (paper)",
+                "Held-out V (paper)",
+                "Seen IG",
+                "Held-out IG",
+            ],
+            [
+                [
+                    label,
+                    _fmt(curves["trained_p_score"][k]),
+                    _fmt(curves["trained_v_score"][k]),
+                    _fmt(curves["held_out_p_score"][k]),
+                    _fmt(curves["held_out_v_score"][k]),
+                    _fmt(curves["trained_v_score_paper"][k]),
+                    _fmt(curves["held_out_v_score_paper"][k]),
+                    _fmt(curves["seen_ig"][k], 3),
+                    _fmt(curves["held_out_ig"][k], 3),
+                ]
+                for k, label in enumerate(curves["labels"])
+            ],
+        ),
+        "",
+    ]
     return lines
 
 
@@ -332,19 +427,41 @@ def _probe_section(task: str, probe: Mapping[str, Any]) -> list[str]:
     lines = [f"## Probes: {task}", ""]
     variants = probe.get("instruction_variants") or []
     if variants:
-        lines += ["Instruction variants (cf. the paper's Table 3):", "", _table(
-            ["Metric", *(v["variant"] for v in variants)],
-            [["P-score", *(_fmt(v.get("p_score")) for v in variants)],
-             ["V-score", *(_fmt(v.get("v_score")) for v in variants)],
-             ["IG", *(_fmt(v.get("ig"), 3) for v in variants)]]), ""]
+        lines += [
+            "Instruction variants (cf. the paper's Table 3):",
+            "",
+            _table(
+                ["Metric", *(v["variant"] for v in variants)],
+                [
+                    ["P-score", *(_fmt(v.get("p_score")) for v in variants)],
+                    ["V-score", *(_fmt(v.get("v_score")) for v in variants)],
+                    ["IG", *(_fmt(v.get("ig"), 3) for v in variants)],
+                ],
+            ),
+            "",
+        ]
     for spec in probe.get("misleading_constraints") or []:
         labels = [*spec.get("old_labels", []), *spec.get("new_labels", [])]
-        lines += [f"Misleading constraint `{spec.get('name')}` (cf. the paper's Table 4), {spec.get('n')} answers; "
-                  "percent of answers equal (case-sensitive) to each label:", "", _table(
-                      ["Response", "Percent"],
-                      [*([label + (" (required)" if label in spec.get("new_labels", []) else ""),
-                          _fmt(spec["rates"].get(label))] for label in labels),
-                       ["other", _fmt(spec["rates"].get("other"))], ["IG", _fmt(spec.get("ig"), 3)]]), ""]
+        lines += [
+            f"Misleading constraint `{spec.get('name')}` (cf. the paper's Table 4), {spec.get('n')} answers; "
+            "percent of answers equal (case-sensitive) to each label:",
+            "",
+            _table(
+                ["Response", "Percent"],
+                [
+                    *(
+                        [
+                            label + (" (required)" if label in spec.get("new_labels", []) else ""),
+                            _fmt(spec["rates"].get(label)),
+                        ]
+                        for label in labels
+                    ),
+                    ["other", _fmt(spec["rates"].get("other"))],
+                    ["IG", _fmt(spec.get("ig"), 3)],
+                ],
+            ),
+            "",
+        ]
     return lines
 
 

@@ -27,8 +27,16 @@ from kpig_trainer.evaluation.constraints import violations
 from kpig_trainer.evaluation.metrics import score_example
 from kpig_trainer.evaluation.scores import VIOLATION_TYPES
 
-__all__ = ["InstanceScore", "RunRecord", "flips", "load_run", "instance_scores", "p_score_of", "paired_bootstrap",
-           "v_score_of"]
+__all__ = [
+    "InstanceScore",
+    "RunRecord",
+    "flips",
+    "load_run",
+    "instance_scores",
+    "p_score_of",
+    "paired_bootstrap",
+    "v_score_of",
+]
 
 
 @dataclass(frozen=True)
@@ -84,15 +92,19 @@ def instance_scores(run: RunRecord, row: str) -> dict[str, dict[str, InstanceSco
         scores = {}
         for answer in answers:
             text = answer["prediction"]
-            value = score_example(text, answer["references"], task.constraints,
-                                  input_text=inputs.get(answer["id"])).value
+            value = score_example(
+                text, answer["references"], task.constraints, input_text=inputs.get(answer["id"])
+            ).value
             scores[answer["id"]] = InstanceScore(value, violations(text, task.constraints, inputs.get(answer["id"])))
         result[task_name] = scores
     return result
 
 
-def p_score_of(scores: Mapping[str, Mapping[str, InstanceScore]], tasks: Sequence[str],
-               ids: Mapping[str, Sequence[str]] | None = None) -> float:
+def p_score_of(
+    scores: Mapping[str, Mapping[str, InstanceScore]],
+    tasks: Sequence[str],
+    ids: Mapping[str, Sequence[str]] | None = None,
+) -> float:
     """P-score (0-100) of ``tasks``: the mean over tasks of the mean instance value (over
     ``ids[task]`` when given: a bootstrap sample, duplicates counting twice)."""
     means = []
@@ -102,8 +114,11 @@ def p_score_of(scores: Mapping[str, Mapping[str, InstanceScore]], tasks: Sequenc
     return 100 * sum(means) / len(means) if means else math.nan
 
 
-def v_score_of(scores: Mapping[str, Mapping[str, InstanceScore]], tasks: Sequence[str],
-               ids: Mapping[str, Sequence[str]] | None = None) -> float:
+def v_score_of(
+    scores: Mapping[str, Mapping[str, InstanceScore]],
+    tasks: Sequence[str],
+    ids: Mapping[str, Sequence[str]] | None = None,
+) -> float:
     """V-score (0-100), pooled as :func:`~kpig_trainer.evaluation.scores.v_score` pools it: the mean
     of every applicable (task, violation type) rate."""
     rates = []
@@ -119,8 +134,14 @@ def v_score_of(scores: Mapping[str, Mapping[str, InstanceScore]], tasks: Sequenc
 _STATISTICS = {"p_score": p_score_of, "v_score": v_score_of}
 
 
-def paired_bootstrap(pairs: Sequence[tuple[Mapping, Mapping]], tasks: Sequence[str], statistic: str = "p_score",
-                     replicates: int = 2000, seed: int = 0, level: float = 0.95) -> dict[str, Any]:
+def paired_bootstrap(
+    pairs: Sequence[tuple[Mapping, Mapping]],
+    tasks: Sequence[str],
+    statistic: str = "p_score",
+    replicates: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, Any]:
     """Difference ``A - B`` of a score between runs, with a paired percentile bootstrap interval.
 
     ``pairs`` holds one ``(scores_A, scores_B)`` per seed (instance scores of the two runs on
@@ -157,8 +178,14 @@ def paired_bootstrap(pairs: Sequence[tuple[Mapping, Mapping]], tasks: Sequence[s
     tail = (1 - level) / 2
     low = samples[min(len(samples) - 1, int(math.floor(tail * len(samples))))]
     high = samples[min(len(samples) - 1, int(math.ceil((1 - tail) * len(samples))) - 1)]
-    return {"difference": observed, "low": low, "high": high, "replicates": len(samples), "pairs": len(pairs),
-            "instances": sum(len(v) for v in ids_per_pair[0].values()) if ids_per_pair else 0}
+    return {
+        "difference": observed,
+        "low": low,
+        "high": high,
+        "replicates": len(samples),
+        "pairs": len(pairs),
+        "instances": sum(len(v) for v in ids_per_pair[0].values()) if ids_per_pair else 0,
+    }
 
 
 def _trained_by(run: RunRecord, row: str) -> list[str]:
@@ -181,7 +208,7 @@ def flips(run: RunRecord, tasks: Sequence[str] | None = None, threshold: float =
     for before, after in zip(rows, rows[1:]):
         current = instance_scores(run, after)
         lost = gained = compared = 0
-        for task in (_trained_by(run, before) if tasks is None else tasks):
+        for task in _trained_by(run, before) if tasks is None else tasks:
             for iid, score in current.get(task, {}).items():
                 old = previous.get(task, {}).get(iid)
                 if old is None:
@@ -190,7 +217,8 @@ def flips(run: RunRecord, tasks: Sequence[str] | None = None, threshold: float =
                 was, now = old.value >= threshold, score.value >= threshold
                 lost += was and not now
                 gained += now and not was
-        result.append({"from": before, "to": after, "right_to_wrong": lost, "wrong_to_right": gained,
-                       "compared": compared})
+        result.append(
+            {"from": before, "to": after, "right_to_wrong": lost, "wrong_to_right": gained, "compared": compared}
+        )
         previous = current
     return result

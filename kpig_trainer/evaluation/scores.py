@@ -12,8 +12,7 @@ from kpig_trainer.evaluation.metrics import score_example
 if TYPE_CHECKING:
     from kpig_trainer.evaluation.judge import LLMJudge
 
-__all__ = ["VIOLATION_TYPES", "TaskScore", "p_score", "score_task", "v_score", "v_score_paper",
-           "violation_rates"]
+__all__ = ["VIOLATION_TYPES", "TaskScore", "p_score", "score_task", "v_score", "v_score_paper", "violation_rates"]
 
 VIOLATION_TYPES = ("wfr", "oos", "wr")
 
@@ -131,10 +130,7 @@ def v_score(task_scores: Sequence[TaskScore]) -> float:
     average of WFR, OOS and WR", is :func:`v_score_paper`. NaN when no rate applies.
     """
     rates = [
-        getattr(score, kind)
-        for score in task_scores
-        for kind in VIOLATION_TYPES
-        if getattr(score, kind) is not None
+        getattr(score, kind) for score in task_scores for kind in VIOLATION_TYPES if getattr(score, kind) is not None
     ]
     return sum(rates) / len(rates) if rates else math.nan
 

@@ -83,6 +83,7 @@ def batches_by_task(instances: Sequence[Any], indices: Sequence[int], batch_size
     instances by length (characters of instruction, input and first output), ``batch_size`` at
     most. A task's instances share their instruction, which ``information_gain`` then runs once
     per batch (``share_prefix``); similar lengths waste little padding."""
+
     def length(k: int) -> int:
         i = instances[k]
         return len(i.instruction) + len(i.input) + len(i.outputs[0] if i.outputs else "")
@@ -90,7 +91,7 @@ def batches_by_task(instances: Sequence[Any], indices: Sequence[int], batch_size
     by_task: dict[str, list[int]] = {}
     for k in sorted(indices, key=lambda k: (instances[k].task, length(k), k)):
         by_task.setdefault(instances[k].task, []).append(k)
-    return [rows[s:s + batch_size] for rows in by_task.values() for s in range(0, len(rows), batch_size)]
+    return [rows[s : s + batch_size] for rows in by_task.values() for s in range(0, len(rows), batch_size)]
 
 
 def _pad(rows: Sequence[Sequence[int]], value: int, multiple: int | None) -> torch.Tensor:
@@ -266,8 +267,9 @@ class KPIGDataCollator:
             return None
         missing = [k for k in self._output_keys()[:-2] if k not in feature]
         if missing:
-            raise ValueError(f"pre-tokenized row lacks {missing}; was it made by a collator "
-                             "with the same with_masked setting?")
+            raise ValueError(
+                f"pre-tokenized row lacks {missing}; was it made by a collator with the same with_masked setting?"
+            )
         return dict(feature)
 
     def _output_keys(self) -> tuple[str, ...]:
@@ -279,7 +281,7 @@ class KPIGDataCollator:
         plain = self.tokenizer("a", add_special_tokens=False)["input_ids"]
         special = self.tokenizer("a", add_special_tokens=True)["input_ids"]
         for start in range(len(special) - len(plain) + 1):
-            if special[start:start + len(plain)] == plain:
+            if special[start : start + len(plain)] == plain:
                 return special[:start]
         return []
 
@@ -290,8 +292,12 @@ class KPIGDataCollator:
 
     def _prompt_text(self, instruction: str, input: str) -> str:
         return format_prompt(
-            self.tokenizer, instruction, input, system_prompt=self.system_prompt,
-            plain_template=self.plain_template, use_chat_template=self.use_chat_template,
+            self.tokenizer,
+            instruction,
+            input,
+            system_prompt=self.system_prompt,
+            plain_template=self.plain_template,
+            use_chat_template=self.use_chat_template,
         )
 
     def _prompt_ids(self, pairs: list[tuple[str, str]]) -> list[list[int]]:
@@ -305,8 +311,11 @@ class KPIGDataCollator:
             if len(self._mask_cache) >= _MASK_CACHE_SIZE:
                 self._mask_cache.clear()
             self._mask_cache[key] = mask_key_parts(
-                instruction, key_parts, self.mask_token,
-                per_token=self.per_token_mask, tokenizer=self.tokenizer if self.per_token_mask else None,
+                instruction,
+                key_parts,
+                self.mask_token,
+                per_token=self.per_token_mask,
+                tokenizer=self.tokenizer if self.per_token_mask else None,
             )
         return self._mask_cache[key]
 
@@ -336,8 +345,9 @@ class KPIGDataCollator:
             encoded.append(item)
         return encoded
 
-    def _truncate(self, row: _Row, instructions: list[str], prompts: list[list[int]], n_response: int,
-                  stats: Counter) -> list[list[int]] | None:
+    def _truncate(
+        self, row: _Row, instructions: list[str], prompts: list[list[int]], n_response: int, stats: Counter
+    ) -> list[list[int]] | None:
         """Prompt ids of each twin that fit next to the response, or None (skipped)."""
         budget = self.max_length - n_response
         # One input prefix for both twins: they must differ only by the key parts.
@@ -356,8 +366,9 @@ class KPIGDataCollator:
         stats["instruction_truncated"] += 1
         return fitted
 
-    def _shrink(self, text: str, encoded: list[list[int]], encode: Callable[[str], list[list[int]]],
-                budget: int) -> list[list[int]] | None:
+    def _shrink(
+        self, text: str, encoded: list[list[int]], encode: Callable[[str], list[list[int]]], budget: int
+    ) -> list[list[int]] | None:
         """``encode`` of the longest token-wise prefix of ``text`` whose encodings fit ``budget``.
 
         ``encoded`` is ``encode(text)``. Returns None when even the empty prefix does not fit.
@@ -382,7 +393,7 @@ class KPIGDataCollator:
         if getattr(self.tokenizer, "is_fast", False):
             encoding = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             offsets = encoding["offset_mapping"]
-            return len(offsets), lambda keep: text[:offsets[keep - 1][1]] if keep else ""
+            return len(offsets), lambda keep: text[: offsets[keep - 1][1]] if keep else ""
         ids = self._ids([text])[0]
         return len(ids), lambda keep: self.tokenizer.decode(ids[:keep]) if keep else ""
 
@@ -420,13 +431,18 @@ class KPIGDataCollator:
             logger.warning(
                 "KPIG collator: of %d instances, skipped %d (response longer than max_length=%s), "
                 "shortened the instruction of %d, shortened the input of %d",
-                total, stats["skipped"], self.max_length, stats["instruction_truncated"],
+                total,
+                stats["skipped"],
+                self.max_length,
+                stats["instruction_truncated"],
                 stats["input_truncated"],
             )
         elif stats["input_truncated"]:
             logger.info(
                 "KPIG collator: shortened the input of %d of %d instances to fit max_length=%s",
-                stats["input_truncated"], total, self.max_length,
+                stats["input_truncated"],
+                total,
+                self.max_length,
             )
 
     def __getstate__(self) -> dict[str, Any]:

@@ -230,9 +230,7 @@ class KPIGConfig(TrainingArguments):
     )
     teacher_cache_dir: str | None = field(
         default=None,
-        metadata={
-            "help": "Folder of the teacher cache ('cached' mode); default <output_dir>/kpig_teacher_cache."
-        },
+        metadata={"help": "Folder of the teacher cache ('cached' mode); default <output_dir>/kpig_teacher_cache."},
     )
 
     # Replay.

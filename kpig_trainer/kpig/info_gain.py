@@ -123,12 +123,12 @@ def _response_targets(labels: torch.Tensor, ignore_index: int) -> list[list[int]
     return per_row
 
 
-def check_twin_labels(full_labels: torch.Tensor, masked_labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> None:
+def check_twin_labels(
+    full_labels: torch.Tensor, masked_labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> None:
     """Raise if a row's twins do not mark the same response tokens (collator contract)."""
     if full_labels.shape[0] != masked_labels.shape[0]:
-        raise ValueError(
-            f"twins differ in batch size: {full_labels.shape[0]} vs {masked_labels.shape[0]}"
-        )
+        raise ValueError(f"twins differ in batch size: {full_labels.shape[0]} vs {masked_labels.shape[0]}")
     full = _response_targets(full_labels, ignore_index)
     masked = _response_targets(masked_labels, ignore_index)
     bad = [b for b, (f, m) in enumerate(zip(full, masked)) if f != m]
@@ -239,13 +239,20 @@ def information_gain(
         if all(side is None for side in logits):
             logits = forward_twins(model, twins, fuse=fuse_twins, logits_to_keep=keep)
         else:
-            logits = [side if side is not None else forward_twins(model, [t], logits_to_keep=keep)[0]
-                      for side, t in zip(logits, twins)]
+            logits = [
+                side if side is not None else forward_twins(model, [t], logits_to_keep=keep)[0]
+                for side, t in zip(logits, twins)
+            ]
     finally:
         model.train(was_training)
     return information_gain_from_logits(
-        logits[0], twins[0].frame_labels, logits[1], twins[1].frame_labels, alpha,
-        ignore_index=ignore_index, check_twins=False,
+        logits[0],
+        twins[0].frame_labels,
+        logits[1],
+        twins[1].frame_labels,
+        alpha,
+        ignore_index=ignore_index,
+        check_twins=False,
     )
 
 
@@ -276,9 +283,7 @@ def ig_temperature(
     if None not in (min_temperature, max_temperature) and min_temperature > max_temperature:
         raise ValueError(f"min_temperature {min_temperature} > max_temperature {max_temperature}")
     if max_ig >= 2 and not (min_temperature is not None and min_temperature > 0):
-        raise ValueError(
-            f"max_ig={max_ig} allows T <= 0; use max_ig < 2 or a positive min_temperature"
-        )
+        raise ValueError(f"max_ig={max_ig} allows T <= 0; use max_ig < 2 or a positive min_temperature")
     ig = torch.as_tensor(ig).detach()
     ig = ig.to(torch.promote_types(ig.dtype, torch.float32))
     temperature = 2.0 - ig.clamp(max=max_ig)

@@ -61,8 +61,7 @@ __all__ = [
 def _check_shapes(logits: torch.Tensor, labels: torch.Tensor) -> None:
     if logits.dim() != 3 or labels.dim() != 2 or logits.shape[:2] != labels.shape:
         raise ValueError(
-            f"expected logits [B, T, V] and labels [B, T], got {tuple(logits.shape)} and "
-            f"{tuple(labels.shape)}"
+            f"expected logits [B, T, V] and labels [B, T], got {tuple(logits.shape)} and {tuple(labels.shape)}"
         )
 
 
@@ -160,8 +159,7 @@ def _per_token_temperature(
         return temperature
     if temperature.shape != (batch_size,):
         raise ValueError(
-            f"temperature must be a float or a tensor of shape [{batch_size}], got "
-            f"{tuple(temperature.shape)}"
+            f"temperature must be a float or a tensor of shape [{batch_size}], got {tuple(temperature.shape)}"
         )
     return temperature[rows].unsqueeze(-1)
 
@@ -260,9 +258,7 @@ def kpig_jsd(
     temp = _per_token_temperature(temperature, rows, labels.shape[0], dtype)
     student = student_logits[rows, positions].to(dtype) / temp
     teacher = teacher_logits.detach()[rows, positions].to(dtype) / temp
-    token_jsd = _jsd_from_logprobs(
-        torch.log_softmax(student, dim=-1), torch.log_softmax(teacher, dim=-1), log_base
-    )
+    token_jsd = _jsd_from_logprobs(torch.log_softmax(student, dim=-1), torch.log_softmax(teacher, dim=-1), log_base)
     return _reduce(token_jsd, rows, positions, labels, reduction, num_items_in_batch)
 
 
@@ -317,9 +313,7 @@ def kpig_jsd_topk(
     student = student_logits[rows, positions]
     student = student.gather(-1, teacher_topk_indices.to(student.device).long()).to(dtype) / temp
     teacher = teacher_topk_logprobs.detach().to(device=student.device, dtype=dtype) / temp
-    token_jsd = _jsd_from_logprobs(
-        torch.log_softmax(student, dim=-1), torch.log_softmax(teacher, dim=-1), log_base
-    )
+    token_jsd = _jsd_from_logprobs(torch.log_softmax(student, dim=-1), torch.log_softmax(teacher, dim=-1), log_base)
     return _reduce(token_jsd, rows, positions, labels, reduction, num_items_in_batch)
 
 

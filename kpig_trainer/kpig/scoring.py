@@ -47,8 +47,9 @@ def _entropy(model: torch.nn.Module, batch: Mapping[str, Any]) -> torch.Tensor:
     from kpig_trainer.kpig.twins import Twin, accepts_logits_to_keep, forward_twins
 
     device = next(model.parameters()).device
-    twin = Twin.from_tensors(*(batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")),
-                             response_only=True)
+    twin = Twin.from_tensors(
+        *(batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")), response_only=True
+    )
     was_training = model.training
     model.eval()
     try:
@@ -102,8 +103,12 @@ def score_instances(
         scored = [k for k, instance in enumerate(instances) if collator.has_key_part(instance)]
         if len(scored) < len(instances):
             tasks = sorted({getattr(instances[k], "task", "?") for k in set(range(len(instances))) - set(scored)})
-            logger.info("information gain: %d of %d instances have no maskable key part (tasks: %s); "
-                        "they get no IG", len(instances) - len(scored), len(instances), ", ".join(tasks))
+            logger.info(
+                "information gain: %d of %d instances have no maskable key part (tasks: %s); they get no IG",
+                len(instances) - len(scored),
+                len(instances),
+                ", ".join(tasks),
+            )
 
         def fn(batch):
             return information_gain(model, batch, alpha)
@@ -121,8 +126,7 @@ def score_instances(
     # forward): a rank with fewer batches repeats one and drops its result.
     steps = math.ceil(len(batches) / world)
     local: dict[int, float] = {}
-    bar = tqdm(total=sum(map(len, mine)), desc=desc or kind, unit="instance",
-               disable=not show_progress or rank != 0)
+    bar = tqdm(total=sum(map(len, mine)), desc=desc or kind, unit="instance", disable=not show_progress or rank != 0)
     for step in range(steps):
         rows = mine[step] if step < len(mine) else (mine or batches)[-1]
         values = fn(collator([instances[i] for i in rows])).tolist()
@@ -149,8 +153,15 @@ class ModelScorer:
         show_progress: a progress bar on the main process.
     """
 
-    def __init__(self, model: torch.nn.Module, collator: Callable, *, alpha: float = 0.3,
-                 batch_size: int = 8, show_progress: bool = True) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        collator: Callable,
+        *,
+        alpha: float = 0.3,
+        batch_size: int = 8,
+        show_progress: bool = True,
+    ) -> None:
         self.model = model
         self.collator = collator
         self.alpha = alpha
@@ -166,6 +177,13 @@ class ModelScorer:
         return self._score(instances, "entropy")
 
     def _score(self, instances: Sequence[Any], kind: str) -> list:
-        return score_instances(self.model, instances, self.collator, kind=kind, alpha=self.alpha,
-                               batch_size=self.batch_size, show_progress=self.show_progress,
-                               desc=f"replay: {'IG' if kind == 'ig' else kind}")
+        return score_instances(
+            self.model,
+            instances,
+            self.collator,
+            kind=kind,
+            alpha=self.alpha,
+            batch_size=self.batch_size,
+            show_progress=self.show_progress,
+            desc=f"replay: {'IG' if kind == 'ig' else kind}",
+        )

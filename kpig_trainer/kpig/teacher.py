@@ -36,10 +36,11 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
 import torch
 
-from kpig_trainer.kpig.info_gain import information_gain_from_logits
 from kpig_trainer.distributed import is_zero3_partitioned
+from kpig_trainer.kpig.info_gain import information_gain_from_logits
 from kpig_trainer.kpig.teacher_cache import TeacherCache, build_teacher_cache
 from kpig_trainer.kpig.teacher_context import TeacherContext
 from kpig_trainer.kpig.twins import TwinBatch
@@ -131,8 +132,12 @@ class Teacher:
         info_gain = None
         if with_info_gain:
             info_gain = information_gain_from_logits(
-                logits["full"], batch.full.frame_labels, logits["masked"], batch.masked.frame_labels,
-                context.args.alpha, check_twins=False,
+                logits["full"],
+                batch.full.frame_labels,
+                logits["masked"],
+                batch.masked.frame_labels,
+                context.args.alpha,
+                check_twins=False,
             )
         return TeacherTargets(logits=logits[jsd_twin], info_gain=info_gain)
 
@@ -328,8 +333,12 @@ class CachedTeacher(Teacher):
             raise KeyError("previous_model='cached' needs the instance ids in the batch (key 'ids')")
         twin = batch.twin(jsd_twin)
         found = self.cache.lookup(
-            batch.ids, twin.response_counts().tolist(), twin.token_hashes(), twin.labels.device,
-            with_info_gain=with_info_gain, strict=strict,
+            batch.ids,
+            twin.response_counts().tolist(),
+            twin.token_hashes(),
+            twin.labels.device,
+            with_info_gain=with_info_gain,
+            strict=strict,
         )
         if found is None:
             return None
@@ -343,6 +352,8 @@ class CachedTeacher(Teacher):
 def make_teacher(mode: str, context: TeacherContext) -> Teacher:
     """The teacher of ``mode`` (a registered name) over ``context``."""
     if mode not in _MODES:
-        raise ValueError(f"previous_model={mode!r} is not a teacher mode; registered: {', '.join(_MODES)} "
-                         "(add one with kpig_trainer.kpig.teacher.register_teacher_mode)")
+        raise ValueError(
+            f"previous_model={mode!r} is not a teacher mode; registered: {', '.join(_MODES)} "
+            "(add one with kpig_trainer.kpig.teacher.register_teacher_mode)"
+        )
     return _MODES[mode](context)

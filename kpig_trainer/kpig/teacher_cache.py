@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from kpig_trainer.distributed import full_weights
 from kpig_trainer.fileio import atomic_write_text
 from kpig_trainer.kpig.info_gain import information_gain_from_logits
 from kpig_trainer.kpig.losses import topk_teacher_cache
-from kpig_trainer.distributed import full_weights
 from kpig_trainer.kpig.twins import TwinBatch
 
 if TYPE_CHECKING:
@@ -119,7 +119,8 @@ class TeacherCache:
                     "(same response, different prompt tokens): the collator samples instruction "
                     "variants on the fly. The cached teacher targets then belong to another variant; "
                     "sample the variants once as a pre-processing step (appendix B). Warned once.",
-                    changed, len(entries),
+                    changed,
+                    len(entries),
                 )
         logprobs = np.concatenate([self._arrays[p][0][o : o + n] for p, o, n, _, _ in entries])
         indices = np.concatenate([self._arrays[p][1][o : o + n] for p, o, n, _, _ in entries])
@@ -127,9 +128,7 @@ class TeacherCache:
         if with_info_gain:
             values = [entry[3] for entry in entries]
             if any(v is None for v in values):
-                raise ValueError(
-                    "the teacher cache holds no information gain; it was built with ig_source='current'"
-                )
+                raise ValueError("the teacher cache holds no information gain; it was built with ig_source='current'")
             info_gain = torch.tensor(values, dtype=torch.float32, device=device)
         return (
             torch.from_numpy(logprobs).to(device),
@@ -202,9 +201,7 @@ def build_teacher_cache(context: TeacherContext, directory: Path) -> TeacherCach
     model = accelerator.unwrap_model(context.model())
     was_training = model.training
     model.eval()
-    progress = tqdm(
-        loader, desc="KPIG teacher cache", disable=args.disable_tqdm or not context.show_progress
-    )
+    progress = tqdm(loader, desc="KPIG teacher cache", disable=args.disable_tqdm or not context.show_progress)
     try:
         # ZeRO-3: the weights are gathered for the build (a full copy on every rank, freed
         # afterwards), so the ranks need not run their forwards in lockstep.
@@ -220,7 +217,10 @@ def build_teacher_cache(context: TeacherContext, directory: Path) -> TeacherCach
                 info_gain = None
                 if with_info_gain:
                     info_gain = information_gain_from_logits(
-                        logits["full"], batch.full.frame_labels, logits["masked"], batch.masked.frame_labels,
+                        logits["full"],
+                        batch.full.frame_labels,
+                        logits["masked"],
+                        batch.masked.frame_labels,
                         args.alpha,
                     ).tolist()
                 counts = twin.response_counts().tolist()
@@ -232,6 +232,9 @@ def build_teacher_cache(context: TeacherContext, directory: Path) -> TeacherCach
     cache = TeacherCache(directory, world)
     logger.info(
         "KPIG teacher cache: %d instances, top-%d log-probs on the %s twins, in %s",
-        len(cache), args.teacher_topk, jsd_twin, directory,
+        len(cache),
+        args.teacher_topk,
+        jsd_twin,
+        directory,
     )
     return cache

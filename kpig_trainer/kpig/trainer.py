@@ -62,10 +62,15 @@ class StepPlan:
     def resolve(cls, args: KPIGConfig, jsd_active: bool) -> StepPlan:
         want_ig = args.always_log_info_gain or (jsd_active and args.use_temperature)
         students = ("full", "masked") if jsd_active and args.jsd_on == "masked" else ("full",)
-        return cls(jsd=jsd_active, jsd_twin=args.jsd_on, student_twins=students,
-                   need_masked="masked" in students or want_ig, want_ig=want_ig,
-                   ig_from_previous=jsd_active and args.ig_source == "previous" and want_ig,
-                   temperature=args.use_temperature)
+        return cls(
+            jsd=jsd_active,
+            jsd_twin=args.jsd_on,
+            student_twins=students,
+            need_masked="masked" in students or want_ig,
+            want_ig=want_ig,
+            ig_from_previous=jsd_active and args.ig_source == "previous" and want_ig,
+            temperature=args.use_temperature,
+        )
 
 
 class KPIGTrainer(Trainer):
@@ -181,9 +186,14 @@ class KPIGTrainer(Trainer):
         """This trainer as its teacher sees it (the model and data are read when needed: the
         Trainer wraps the model later, and a stage loop may swap the training set)."""
         return TeacherContext(
-            accelerator=self.accelerator, args=self.args, forward=self._forward, model=lambda: self.model,
-            train_dataset=lambda: self.train_dataset, data_collator=lambda: self.data_collator,
-            prepare_inputs=self._prepare_inputs, deepspeed=self.is_deepspeed_enabled,
+            accelerator=self.accelerator,
+            args=self.args,
+            forward=self._forward,
+            model=lambda: self.model,
+            train_dataset=lambda: self.train_dataset,
+            data_collator=lambda: self.data_collator,
+            prepare_inputs=self._prepare_inputs,
+            deepspeed=self.is_deepspeed_enabled,
             show_progress=self.is_local_process_zero(),
         )
 
@@ -346,12 +356,21 @@ class KPIGTrainer(Trainer):
         temperature = 1.0 if temperature is None else temperature
         if targets.logits is not None:
             return kpig_jsd(
-                student_logits, targets.logits, labels, temperature, log_base=args.jsd_log_base,
+                student_logits,
+                targets.logits,
+                labels,
+                temperature,
+                log_base=args.jsd_log_base,
                 reduction="sum",
             )
         return kpig_jsd_topk(
-            student_logits, targets.topk_logprobs, targets.topk_indices, labels, temperature,
-            log_base=args.jsd_log_base, reduction="sum",
+            student_logits,
+            targets.topk_logprobs,
+            targets.topk_indices,
+            labels,
+            temperature,
+            log_base=args.jsd_log_base,
+            reduction="sum",
         )
 
     def _current_info_gain(self, model, batch: TwinBatch, logits: dict[str, torch.Tensor], full_info=None):
@@ -386,10 +405,14 @@ class KPIGTrainer(Trainer):
         instances = ce_sum.new_tensor(float(info_gain.numel())) if info_gain is not None else zero
         stats = torch.stack(
             [
-                ce_sum.detach(), tokens,
-                jsd_sum.detach().to(ce_sum.dtype), tokens,
-                info_gain.sum().to(ce_sum.dtype) if info_gain is not None else zero, instances,
-                temperature.sum().to(ce_sum.dtype) if temperature is not None else zero, instances,
+                ce_sum.detach(),
+                tokens,
+                jsd_sum.detach().to(ce_sum.dtype),
+                tokens,
+                info_gain.sum().to(ce_sum.dtype) if info_gain is not None else zero,
+                instances,
+                temperature.sum().to(ce_sum.dtype) if temperature is not None else zero,
+                instances,
             ]
         )
         running = self._metric_sums[mode]
@@ -452,9 +475,7 @@ def _wrap_peft(model: nn.Module, peft_config: Any, args: KPIGConfig) -> nn.Modul
     except ImportError as error:
         raise ImportError("peft_config needs the `peft` package: pip install peft") from error
     if not isinstance(peft_config, PeftConfig):
-        raise TypeError(
-            f"peft_config must be a peft.PeftConfig (e.g. LoraConfig), got {type(peft_config).__name__}"
-        )
+        raise TypeError(f"peft_config must be a peft.PeftConfig (e.g. LoraConfig), got {type(peft_config).__name__}")
     if isinstance(model, PeftModel):
         raise ValueError(
             "model is a PeftModel already: pass it without peft_config, or the base model with peft_config"

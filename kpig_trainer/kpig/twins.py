@@ -1,4 +1,4 @@
-"""The two sides of a KPIG batch (full instances and masked twins) and their forward passes.
+r"""The two sides of a KPIG batch (full instances and masked twins) and their forward passes.
 
 A collated KPIG batch (the contract is in :mod:`kpig_trainer.kpig.info_gain`) holds each instance
 and its key-part-masked twin; :class:`TwinBatch` views it as two :class:`Twin`\ s, and
@@ -80,9 +80,7 @@ class TwinBatch:
     ids: list[str] | None
 
     @classmethod
-    def from_inputs(
-        cls, inputs: Mapping[str, Any], response_only: bool, need_masked: bool = True
-    ) -> TwinBatch:
+    def from_inputs(cls, inputs: Mapping[str, Any], response_only: bool, need_masked: bool = True) -> TwinBatch:
         required = ["input_ids", "attention_mask", "labels"]
         if need_masked:
             required += ["masked_input_ids", "masked_attention_mask", "masked_labels"]
@@ -93,9 +91,12 @@ class TwinBatch:
                 "labels, masked_input_ids, masked_attention_mask, masked_labels (and ids for the "
                 "'cached' mode), as built by kpig_trainer.kpig.collator.KPIGDataCollator"
             )
+
         def twin(prefix: str) -> Twin:
             return Twin.from_tensors(
-                inputs[f"{prefix}input_ids"], inputs[f"{prefix}attention_mask"], inputs[f"{prefix}labels"],
+                inputs[f"{prefix}input_ids"],
+                inputs[f"{prefix}attention_mask"],
+                inputs[f"{prefix}labels"],
                 response_only,
             )
 
@@ -149,9 +150,7 @@ def forward_twins(
     accepts that argument (Hugging Face causal LMs do).
     """
     if not fuse or len(twins) == 1:
-        return [
-            _logits(model, t.input_ids, t.attention_mask, t.start, t.stop, logits_to_keep) for t in twins
-        ]
+        return [_logits(model, t.input_ids, t.attention_mask, t.start, t.stop, logits_to_keep) for t in twins]
     length = max(t.input_ids.shape[1] for t in twins)
     input_ids = torch.cat([_pad_right(t.input_ids, length, 0) for t in twins])
     attention_mask = torch.cat([_pad_right(t.attention_mask, length, 0) for t in twins])
@@ -196,11 +195,23 @@ def forward_shared_prefix(model: torch.nn.Module, twin: Twin, logits_to_keep: bo
     if rows < 2 or prefix < MIN_SHARED_PREFIX or getattr(getattr(model, "config", None), "use_cache", None) is None:
         return None
     keep_one = {"logits_to_keep": 1} if logits_to_keep else {}
-    head = model(input_ids=twin.input_ids[:1, :prefix], attention_mask=twin.attention_mask[:1, :prefix],
-                 use_cache=True, **keep_one)
+    head = model(
+        input_ids=twin.input_ids[:1, :prefix],
+        attention_mask=twin.attention_mask[:1, :prefix],
+        use_cache=True,
+        **keep_one,
+    )
     cache = getattr(head, "past_key_values", None)
     if cache is None or not hasattr(cache, "batch_repeat_interleave"):
         return None
     cache.batch_repeat_interleave(rows)
-    return _logits(model, twin.input_ids[:, prefix:], twin.attention_mask, twin.start - prefix, twin.stop - prefix,
-                   logits_to_keep, past_key_values=cache, use_cache=True)
+    return _logits(
+        model,
+        twin.input_ids[:, prefix:],
+        twin.attention_mask,
+        twin.start - prefix,
+        twin.stop - prefix,
+        logits_to_keep,
+        past_key_values=cache,
+        use_cache=True,
+    )

@@ -39,9 +39,8 @@ from typing import Any
 import numpy as np
 
 from kpig_trainer.data.records import Task
-from kpig_trainer.selection.selector import InstructionSelector, Pools, SelectionError, TaskRef, load_embedder
-
 from kpig_trainer.fileio import replace_directory
+from kpig_trainer.selection.selector import InstructionSelector, Pools, SelectionError, TaskRef, load_embedder
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +131,8 @@ def build_alignment_pairs(
             continue
         rng.shuffle(combos)
         eligible = [
-            other for col, other in enumerate(names)
+            other
+            for col, other in enumerate(names)
             if other != name and (negative_threshold is None or base[row, col] < negative_threshold)
         ]
         if not eligible:
@@ -251,26 +251,42 @@ def align_embedder(
     selector = InstructionSelector(model, tasks=task_map, pools=pools, show_progress=show_progress)
     base_fingerprint = selector.fingerprint
     pairs = build_alignment_pairs(
-        task_list, selector, pools=pools, negative_threshold=negative_threshold,
-        positives_per_task=positives_per_task, negatives_per_positive=negatives_per_positive,
-        max_views=max_views, seed=seed,
+        task_list,
+        selector,
+        pools=pools,
+        negative_threshold=negative_threshold,
+        positives_per_task=positives_per_task,
+        negatives_per_positive=negatives_per_positive,
+        max_views=max_views,
+        seed=seed,
     )
     task_names = [selector.resolve(t).name for t in task_list]
     del selector  # it caches under the base fingerprint; the model is about to change in place
-    dataset = Dataset.from_dict({
-        "sentence1": [p.text_a for p in pairs],
-        "sentence2": [p.text_b for p in pairs],
-        "score": [1.0 if p.same_task else 0.0 for p in pairs],
-    })
+    dataset = Dataset.from_dict(
+        {
+            "sentence1": [p.text_a for p in pairs],
+            "sentence2": [p.text_b for p in pairs],
+            "score": [1.0 if p.same_task else 0.0 for p in pairs],
+        }
+    )
     loss_module = losses.CosineSimilarityLoss(model) if loss == "cosine" else losses.CoSENTLoss(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         args = SentenceTransformerTrainingArguments(
-            output_dir=str(tmp / "trainer"), num_train_epochs=epochs, max_steps=max_steps,
-            per_device_train_batch_size=batch_size, learning_rate=learning_rate, warmup_steps=0.1,
-            save_strategy="no", report_to="none", logging_steps=10, seed=seed, data_seed=seed,
-            disable_tqdm=not show_progress, dataloader_pin_memory=torch.cuda.is_available(),
+            output_dir=str(tmp / "trainer"),
+            num_train_epochs=epochs,
+            max_steps=max_steps,
+            per_device_train_batch_size=batch_size,
+            learning_rate=learning_rate,
+            warmup_steps=0.1,
+            save_strategy="no",
+            report_to="none",
+            logging_steps=10,
+            seed=seed,
+            data_seed=seed,
+            disable_tqdm=not show_progress,
+            dataloader_pin_memory=torch.cuda.is_available(),
         )
         base_length = model.max_seq_length
         if max_seq_length:
@@ -283,11 +299,18 @@ def align_embedder(
         shutil.rmtree(tmp / "trainer", ignore_errors=True)
         model.save(str(tmp / "model"), create_model_card=False)
         metadata = {
-            "base_fingerprint": base_fingerprint, "loss": loss, "epochs": epochs, "max_steps": max_steps,
-            "negative_threshold": negative_threshold, "tasks": task_names,
-            "positive_pairs": sum(p.same_task for p in pairs), "negative_pairs": sum(not p.same_task for p in pairs),
-            "train_seconds": round(seconds, 2), "train_loss": getattr(history, "training_loss", None),
-            "max_seq_length": max_seq_length, "seed": seed,
+            "base_fingerprint": base_fingerprint,
+            "loss": loss,
+            "epochs": epochs,
+            "max_steps": max_steps,
+            "negative_threshold": negative_threshold,
+            "tasks": task_names,
+            "positive_pairs": sum(p.same_task for p in pairs),
+            "negative_pairs": sum(not p.same_task for p in pairs),
+            "train_seconds": round(seconds, 2),
+            "train_loss": getattr(history, "training_loss", None),
+            "max_seq_length": max_seq_length,
+            "seed": seed,
         }
         (tmp / "model" / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
         replace_directory(tmp / "model", out)

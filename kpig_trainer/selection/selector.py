@@ -56,7 +56,9 @@ def load_embedder(embedder: Any = None):
         embedder = DEFAULT_EMBEDDER
     if not isinstance(embedder, (str, os.PathLike)):
         if not callable(getattr(embedder, "encode", None)):
-            raise SelectionError(f"embedder must be a path, a name or a SentenceTransformer, got {type(embedder).__name__}")
+            raise SelectionError(
+                f"embedder must be a path, a name or a SentenceTransformer, got {type(embedder).__name__}"
+            )
         return embedder
     from kpig_trainer.models import EMBEDDER_ALIASES, load_sentence_embedder
 
@@ -64,7 +66,9 @@ def load_embedder(embedder: Any = None):
     path = Path(name).expanduser()
     if name.lower() not in EMBEDDER_ALIASES:
         if path.exists() and not path.is_dir():
-            raise SelectionError(f"embedder path {name!r} is a file; expected a folder saved by SentenceTransformer.save")
+            raise SelectionError(
+                f"embedder path {name!r} is a file; expected a folder saved by SentenceTransformer.save"
+            )
         if (path.is_absolute() or name.startswith((".", "~"))) and not path.exists():
             raise SelectionError(f"embedder path {name!r} does not exist")
         if path.is_dir() and not any((path / f).is_file() for f in ("modules.json", "config.json")):
@@ -223,8 +227,11 @@ class InstructionSelector:
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
         vectors = self.model.encode(
-            texts, batch_size=self.batch_size, show_progress_bar=self.show_progress,
-            convert_to_numpy=True, normalize_embeddings=True,
+            texts,
+            batch_size=self.batch_size,
+            show_progress_bar=self.show_progress,
+            convert_to_numpy=True,
+            normalize_embeddings=True,
         )
         return np.asarray(vectors, dtype=np.float32)
 
@@ -261,7 +268,7 @@ class InstructionSelector:
         bounds = np.cumsum([0] + [len(group) for group in texts])
         if all(len(group) == 1 for group in texts):
             return [t.name for t in resolved], vectors @ vectors.T
-        blocks = [vectors[bounds[i]:bounds[i + 1]] for i in range(len(texts))]
+        blocks = [vectors[bounds[i] : bounds[i + 1]] for i in range(len(texts))]
         matrix = np.array([[self._aggregate(a @ b.T) for b in blocks] for a in blocks], dtype=np.float32)
         return [t.name for t in resolved], matrix
 
@@ -280,7 +287,7 @@ class InstructionSelector:
         texts = [self.instructions(target_task)] + [self.instructions(task) for task in resolved.values()]
         vectors = self.embed([text for group in texts for text in group])
         bounds = np.cumsum([0] + [len(group) for group in texts])
-        blocks = [vectors[bounds[i]:bounds[i + 1]] for i in range(len(texts))]
+        blocks = [vectors[bounds[i] : bounds[i + 1]] for i in range(len(texts))]
         scored = [(name, self._aggregate(blocks[0] @ block.T)) for name, block in zip(resolved, blocks[1:])]
         return sorted(scored, key=lambda item: (-item[1], item[0]))
 
@@ -325,7 +332,9 @@ def _write_cache(path: Path, memory: Mapping[str, np.ndarray]) -> None:
     atomic_write(path, write)
 
 
-def select_training_tasks(benchmark, target: str, k: int, selector: InstructionSelector | None = None, **options: Any) -> list[str]:
+def select_training_tasks(
+    benchmark, target: str, k: int, selector: InstructionSelector | None = None, **options: Any
+) -> list[str]:
     """The INSTA experiment's training set: the ``k`` seen tasks of ``benchmark`` most similar to ``target``.
 
     ``options`` build a selector when none is given (``embedder``, ``aggregate``, ``pools``). Train on them with
@@ -368,9 +377,7 @@ def similar_seen_tasks(
     return ranking[:k]
 
 
-def lowest_ig_among(
-    similar: Sequence[tuple[str, float]], ig: Mapping[str, float], m: int
-) -> list[tuple[str, float]]:
+def lowest_ig_among(similar: Sequence[tuple[str, float]], ig: Mapping[str, float], m: int) -> list[tuple[str, float]]:
     """The ``m`` tasks of ``similar`` with the lowest mean IG, as ``(task_name, ig)``, lowest first.
 
     Ties in IG go to the more similar task. Raises if a task of ``similar`` has no IG.
@@ -401,4 +408,3 @@ def kpig_similarity_tasks(
         raise SelectionError(f"top_similar={top_similar} must be at least m={m}")
     similar = similar_seen_tasks(next_tasks, seen_tasks, top_similar, selector)
     return lowest_ig_among(similar, ig, m)
-

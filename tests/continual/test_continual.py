@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from kpig_trainer.kpig.config import KPIGConfig
 from kpig_trainer.continual.runner import ContinualArguments, ContinualRunner
 from kpig_trainer.continual.state import RunState
+from kpig_trainer.kpig.config import KPIGConfig
 
 TASKS = {"alpha_task": "Colors", "beta_task": "Colors", "gamma_task": "Numbers", "held_task": "Numbers"}
 
@@ -20,13 +20,21 @@ def data_dir(tmp_path_factory):
     rows = []
     for task, category in TASKS.items():
         for k in range(12):
-            rows.append({"task": task, "category": category, "id": f"{task}-{k}",
-                         "instruction": f"Read the text about {task}. Answer with yes or no only.",
-                         "input": f"text number {k} for {task}", "output": "yes" if k % 3 else "no",
-                         "key_parts": ["Answer with yes or no only"]})
+            rows.append(
+                {
+                    "task": task,
+                    "category": category,
+                    "id": f"{task}-{k}",
+                    "instruction": f"Read the text about {task}. Answer with yes or no only.",
+                    "input": f"text number {k} for {task}",
+                    "output": "yes" if k % 3 else "no",
+                    "key_parts": ["Answer with yes or no only"],
+                }
+            )
     (folder / "tasks.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    (folder / "splits.json").write_text(json.dumps({"seen": ["alpha_task", "beta_task", "gamma_task"],
-                                                    "held_out": ["held_task"]}))
+    (folder / "splits.json").write_text(
+        json.dumps({"seen": ["alpha_task", "beta_task", "gamma_task"], "held_out": ["held_task"]})
+    )
     return folder
 
 
@@ -36,16 +44,35 @@ def tiny_cache(tmp_path_factory, monkeypatch):
 
 
 def make_runner(data_dir, out, method="kpig", callbacks=None, evaluate_fn=None, **overrides):
-    continual = dict(model_name_or_path="tiny-llama", tasks=str(data_dir / "tasks.jsonl"),
-                     splits=str(data_dir / "splits.json"), method=method, test_size=4, keep_last_stages=2,
-                     evaluation="loss")
-    training = dict(output_dir=str(out), per_device_train_batch_size=4, num_train_epochs=1, learning_rate=5e-3,
-                    report_to=[], use_cpu=True, save_strategy="no", logging_steps=1,
-                    disable_tqdm=True, seed=0, replay_tasks=1, replay_instances=2, max_length=128)
+    continual = dict(
+        model_name_or_path="tiny-llama",
+        tasks=str(data_dir / "tasks.jsonl"),
+        splits=str(data_dir / "splits.json"),
+        method=method,
+        test_size=4,
+        keep_last_stages=2,
+        evaluation="loss",
+    )
+    training = dict(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        num_train_epochs=1,
+        learning_rate=5e-3,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=0,
+        replay_tasks=1,
+        replay_instances=2,
+        max_length=128,
+    )
     for key, value in overrides.items():
         (continual if key in ContinualArguments.__dataclass_fields__ else training)[key] = value
-    return ContinualRunner(ContinualArguments(**continual), KPIGConfig(**training),
-                           evaluate_fn=evaluate_fn, callbacks=callbacks)
+    return ContinualRunner(
+        ContinualArguments(**continual), KPIGConfig(**training), evaluate_fn=evaluate_fn, callbacks=callbacks
+    )
 
 
 def final_weights(out, stage=3):
@@ -142,9 +169,9 @@ def crash_after_finishing(stage_index, monkeypatch):
 
 
 def test_a_resumed_run_shows_its_rows_in_stage_order(data_dir, tmp_path, monkeypatch):
+    from kpig_trainer.continual.table import stage_table
     from kpig_trainer.evaluation.evaluate import EvalResult
     from kpig_trainer.evaluation.report import read_report
-    from kpig_trainer.continual.table import stage_table
 
     options = dict(method="sft", replay_strategy="random", evaluation="generate")
     restore = crash_after_finishing(1, monkeypatch)
@@ -167,8 +194,10 @@ def test_a_resumed_run_shows_its_rows_in_stage_order(data_dir, tmp_path, monkeyp
     assert report["summary"]["seen"]["p_score"] == pytest.approx(final["seen"]["p_score"])
     assert report["summary"]["held_out"]["v_score"] == pytest.approx(final["held_out"]["v_score"])
     markdown = (tmp_path / "run" / "report.md").read_text()
-    matrix_rows = [line.split("|")[1].strip() for line in markdown.split("Performance after each stage")[1]
-                   .split("\n\n")[1].splitlines()[2:]]
+    matrix_rows = [
+        line.split("|")[1].strip()
+        for line in markdown.split("Performance after each stage")[1].split("\n\n")[1].splitlines()[2:]
+    ]
     assert matrix_rows == ["init", "stage 1", "stage 2", "stage 3"]
     assert {"heatmap_performance.png", "scores_over_stages.png"} <= set(report["plots"])
 
@@ -184,10 +213,18 @@ def test_a_run_directory_refuses_other_settings(data_dir, tmp_path):
         make_runner(data_dir, tmp_path / "run", method="init", learning_rate=1e-4)
 
 
-@pytest.mark.parametrize("method, extra", [
-    ("sft", {}), ("lora", {}), ("l2", {"regularization_weight": 10.0}), ("ewc", {"fisher_batches": 2}),
-    ("multi", {}), ("init", {}), ("kpig", {"replay_strategy": "entropy"}),
-])
+@pytest.mark.parametrize(
+    "method, extra",
+    [
+        ("sft", {}),
+        ("lora", {}),
+        ("l2", {"regularization_weight": 10.0}),
+        ("ewc", {"fisher_batches": 2}),
+        ("multi", {}),
+        ("init", {}),
+        ("kpig", {"replay_strategy": "entropy"}),
+    ],
+)
 def test_every_method_runs(data_dir, tmp_path, method, extra):
     state = make_runner(data_dir, tmp_path / method, method=method, **extra).run()
     if method == "init":
@@ -216,8 +253,8 @@ def test_similarity_replay_equals_a_direct_selection(data_dir, tmp_path):
 
 
 def test_generation_evaluation_fills_the_matrix_and_the_report(data_dir, tmp_path):
-    from kpig_trainer.evaluation.report import read_report
     from kpig_trainer.continual.table import stage_table
+    from kpig_trainer.evaluation.report import read_report
 
     state = make_runner(data_dir, tmp_path / "gen", method="sft", evaluation="generate", eval_ig=True).run()
     assert set(state.evaluation) == {"init", "1", "2", "3"}
@@ -239,12 +276,18 @@ def test_insta_selection_trains_on_the_most_similar_tasks(data_dir):
     from kpig_trainer.data import load_jsonl_tasks
     from kpig_trainer.selection.selector import InstructionSelector
 
-    args = ContinualArguments(tasks=str(data_dir / "tasks.jsonl"), splits=str(data_dir / "splits.json"),
-                              insta_target="held_task", insta_k=2, method="sft")
+    args = ContinualArguments(
+        tasks=str(data_dir / "tasks.jsonl"),
+        splits=str(data_dir / "splits.json"),
+        insta_target="held_task",
+        insta_k=2,
+        method="sft",
+    )
     stream = load_stream(args, seed=0)
     tasks = load_jsonl_tasks(data_dir / "tasks.jsonl")
     direct = InstructionSelector(tasks=tasks, show_progress=False).select_tasks(
-        "held_task", ["alpha_task", "beta_task", "gamma_task"], 2)
+        "held_task", ["alpha_task", "beta_task", "gamma_task"], 2
+    )
     assert stream.seen == [t for t, _ in direct] and stream.held_out == ["held_task"]
     assert [s.tasks for s in stream.stages] == [(t,) for t, _ in direct]
 

@@ -14,8 +14,8 @@ pytest.importorskip("deepspeed", reason="the deepspeed extra: pip install 'kpig-
 from launching import ROOT, exit_probe_env, free_port  # noqa: E402
 from launching import accelerate_launch as launch  # noqa: E402
 
-from kpig_trainer.testing import save_tiny_llama  # noqa: E402
 from kpig_trainer.continual.state import RunState  # noqa: E402
+from kpig_trainer.testing import save_tiny_llama  # noqa: E402
 
 SCRIPT = ROOT / "tests" / "scripts" / "two_stages.py"
 
@@ -24,12 +24,28 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 def zero_config(folder: Path, stage: int) -> Path:
     path = folder / f"zero{stage}.yaml"
-    path.write_text("\n".join([
-        "compute_environment: LOCAL_MACHINE", "distributed_type: DEEPSPEED", "deepspeed_config:",
-        f"  zero_stage: {stage}", "  gradient_accumulation_steps: auto", "  gradient_clipping: auto",
-        "  offload_optimizer_device: none", "  offload_param_device: none", "  zero3_init_flag: true",
-        "  zero3_save_16bit_model: true", "num_processes: 2", "num_machines: 1", "machine_rank: 0",
-        f"main_process_port: {free_port()}", "mixed_precision: 'no'", ""]))
+    path.write_text(
+        "\n".join(
+            [
+                "compute_environment: LOCAL_MACHINE",
+                "distributed_type: DEEPSPEED",
+                "deepspeed_config:",
+                f"  zero_stage: {stage}",
+                "  gradient_accumulation_steps: auto",
+                "  gradient_clipping: auto",
+                "  offload_optimizer_device: none",
+                "  offload_param_device: none",
+                "  zero3_init_flag: true",
+                "  zero3_save_16bit_model: true",
+                "num_processes: 2",
+                "num_machines: 1",
+                "machine_rank: 0",
+                f"main_process_port: {free_port()}",
+                "mixed_precision: 'no'",
+                "",
+            ]
+        )
+    )
     return path
 
 
@@ -81,21 +97,70 @@ def test_main_job_under_zero3_matches_one_process(tiny, tmp_path):
     answers = {"alpha_task": "yes", "beta_task": "red", "gamma_task": "7"}
     for task, key in tasks.items():
         for k in range(12):
-            rows.append({"task": task, "category": task, "id": f"{task}-{k}",
-                         "instruction": f"Read the text about {task}. Answer with {key}.",
-                         "input": f"text number {k}", "output": answers[task], "key_parts": [key]})
+            rows.append(
+                {
+                    "task": task,
+                    "category": task,
+                    "id": f"{task}-{k}",
+                    "instruction": f"Read the text about {task}. Answer with {key}.",
+                    "input": f"text number {k}",
+                    "output": answers[task],
+                    "key_parts": [key],
+                }
+            )
     (data / "tasks.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     recipe = data / "recipe.yaml"
-    recipe.write_text("\n".join([
-        f"model_name_or_path: {tiny}", f"tasks: {data / 'tasks.jsonl'}", "method: kpig", "test_size: 4",
-        "evaluation: loss", "replay_tasks: 1", "replay_instances: 4", "learning_rate: 5.0e-3",
-        "lr_scheduler_type: constant", "max_length: 128", "save_strategy: 'no'", "report_to: none", "seed: 0",
-        "disable_tqdm: true", "eval_batch_size: 4", ""]))
+    recipe.write_text(
+        "\n".join(
+            [
+                f"model_name_or_path: {tiny}",
+                f"tasks: {data / 'tasks.jsonl'}",
+                "method: kpig",
+                "test_size: 4",
+                "evaluation: loss",
+                "replay_tasks: 1",
+                "replay_instances: 4",
+                "learning_rate: 5.0e-3",
+                "lr_scheduler_type: constant",
+                "max_length: 128",
+                "save_strategy: 'no'",
+                "report_to: none",
+                "seed: 0",
+                "disable_tqdm: true",
+                "eval_batch_size: 4",
+                "",
+            ]
+        )
+    )
     zero, one = tmp_path / "zero3", tmp_path / "one"
-    launch(["--config_file", str(zero_config(tmp_path, 3)), "examples/cit.py", "--recipe", str(recipe),
-            "--output_dir", str(zero), "--per_device_train_batch_size", "2"], tmp_path)
-    launch(["--config_file", "recipes/accelerate/cpu.yaml", "examples/cit.py", "--recipe", str(recipe),
-            "--output_dir", str(one), "--per_device_train_batch_size", "4"], tmp_path)
+    launch(
+        [
+            "--config_file",
+            str(zero_config(tmp_path, 3)),
+            "examples/cit.py",
+            "--recipe",
+            str(recipe),
+            "--output_dir",
+            str(zero),
+            "--per_device_train_batch_size",
+            "2",
+        ],
+        tmp_path,
+    )
+    launch(
+        [
+            "--config_file",
+            "recipes/accelerate/cpu.yaml",
+            "examples/cit.py",
+            "--recipe",
+            str(recipe),
+            "--output_dir",
+            str(one),
+            "--per_device_train_batch_size",
+            "4",
+        ],
+        tmp_path,
+    )
     a, b = RunState.load(zero / "state.json"), RunState.load(one / "state.json")
     assert a.completed == b.completed == 3
     assert {k: v["tasks"] for k, v in a.replay.items()} == {k: v["tasks"] for k, v in b.replay.items()}

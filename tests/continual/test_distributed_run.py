@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from launching import accelerate_launch, exit_probe_env, free_port
 
-from kpig_trainer.testing import save_tiny_llama
 from kpig_trainer.continual.state import RunState
+from kpig_trainer.testing import save_tiny_llama
 
 TASKS = {"alpha_task": "Colors", "beta_task": "Colors", "gamma_task": "Numbers", "held_task": "Numbers"}
 
@@ -25,23 +25,50 @@ def recipe(tmp_path_factory):
     for n, (task, category) in enumerate(TASKS.items()):
         for k in range(12):
             # Tasks differ in wording and answers, so their information gains differ.
-            rows.append({"task": task, "category": category, "id": f"{task}-{k}",
-                         "instruction": f"Read the text about {task}. " + ["Answer with yes or no only.",
-                                                                         "Reply red, green or blue.",
-                                                                         "Give one digit.",
-                                                                         "Answer yes or no."][n],
-                         "input": f"text number {k} for {task}", "output": ["yes", "red", str(k % 10), "no"][n],
-                         "key_parts": [["yes or no", "red, green or blue", "one digit", "yes or no"][n]]})
+            rows.append(
+                {
+                    "task": task,
+                    "category": category,
+                    "id": f"{task}-{k}",
+                    "instruction": f"Read the text about {task}. "
+                    + [
+                        "Answer with yes or no only.",
+                        "Reply red, green or blue.",
+                        "Give one digit.",
+                        "Answer yes or no.",
+                    ][n],
+                    "input": f"text number {k} for {task}",
+                    "output": ["yes", "red", str(k % 10), "no"][n],
+                    "key_parts": [["yes or no", "red, green or blue", "one digit", "yes or no"][n]],
+                }
+            )
     (folder / "tasks.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    (folder / "splits.json").write_text(json.dumps({"seen": ["alpha_task", "beta_task", "gamma_task"],
-                                                    "held_out": ["held_task"]}))
+    (folder / "splits.json").write_text(
+        json.dumps({"seen": ["alpha_task", "beta_task", "gamma_task"], "held_out": ["held_task"]})
+    )
     model = save_tiny_llama(folder / "tiny", seed=0)
-    lines = [f"model_name_or_path: {model}", f"tasks: {folder / 'tasks.jsonl'}",
-             f"splits: {folder / 'splits.json'}", "method: kpig", "replay_strategy: kpig", "test_size: 4",
-             "evaluation: loss", "replay_tasks: 1", "replay_instances: 4", "learning_rate: 5.0e-3",
-             "num_train_epochs: 1", "gradient_accumulation_steps: 1", "lr_scheduler_type: constant",
-             "max_length: 128", "logging_steps: 1", "save_strategy: 'no'", "report_to: none", "seed: 0",
-             "disable_tqdm: true", "eval_batch_size: 4"]
+    lines = [
+        f"model_name_or_path: {model}",
+        f"tasks: {folder / 'tasks.jsonl'}",
+        f"splits: {folder / 'splits.json'}",
+        "method: kpig",
+        "replay_strategy: kpig",
+        "test_size: 4",
+        "evaluation: loss",
+        "replay_tasks: 1",
+        "replay_instances: 4",
+        "learning_rate: 5.0e-3",
+        "num_train_epochs: 1",
+        "gradient_accumulation_steps: 1",
+        "lr_scheduler_type: constant",
+        "max_length: 128",
+        "logging_steps: 1",
+        "save_strategy: 'no'",
+        "report_to: none",
+        "seed: 0",
+        "disable_tqdm: true",
+        "eval_batch_size: 4",
+    ]
     (folder / "recipe.yaml").write_text("\n".join(lines) + "\n")
     return folder
 
@@ -53,15 +80,41 @@ def replay_log(out: Path, rank: int = 0) -> list[dict]:
 
 def test_two_processes_choose_the_same_replay_as_each_other_and_as_one(recipe, tmp_path):
     two, one = tmp_path / "two", tmp_path / "one"
-    result = accelerate_launch(["--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                                "--main_process_port", str(free_port()), "examples/cit.py",
-                                "--recipe", str(recipe / "recipe.yaml"), "--output_dir", str(two),
-                                "--per_device_train_batch_size", "2"], tmp_path)
+    result = accelerate_launch(
+        [
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--main_process_port",
+            str(free_port()),
+            "examples/cit.py",
+            "--recipe",
+            str(recipe / "recipe.yaml"),
+            "--output_dir",
+            str(two),
+            "--per_device_train_batch_size",
+            "2",
+        ],
+        tmp_path,
+    )
     assert "run directory" in result.stdout  # the table and the path are printed once, by rank 0
     # One process, same effective batch (2 x 2 = 4).
-    accelerate_launch(["--config_file", "recipes/accelerate/cpu.yaml", "examples/cit.py",
-                       "--recipe", str(recipe / "recipe.yaml"), "--output_dir", str(one),
-                       "--per_device_train_batch_size", "4"], tmp_path)
+    accelerate_launch(
+        [
+            "--config_file",
+            "recipes/accelerate/cpu.yaml",
+            "examples/cit.py",
+            "--recipe",
+            str(recipe / "recipe.yaml"),
+            "--output_dir",
+            str(one),
+            "--per_device_train_batch_size",
+            "4",
+        ],
+        tmp_path,
+    )
 
     rank0, rank1, single = replay_log(two, 0), replay_log(two, 1), replay_log(one)
     assert [r["stage"] for r in rank0] == [2, 3]
@@ -93,11 +146,28 @@ def test_two_process_main_job_exits_cleanly_on_every_rank(recipe, tmp_path):
     every time the main job forgets to end it, not only when the race is lost.
     """
     probe = tmp_path / "probe"
-    result = accelerate_launch(["--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                                "--main_process_port", str(free_port()), "examples/cit.py",
-                                "--recipe", str(recipe / "recipe.yaml"), "--output_dir", str(tmp_path / "run"),
-                                "--per_device_train_batch_size", "2", "--max_stages", "2"],
-                               tmp_path, env=exit_probe_env(probe))
+    result = accelerate_launch(
+        [
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--main_process_port",
+            str(free_port()),
+            "examples/cit.py",
+            "--recipe",
+            str(recipe / "recipe.yaml"),
+            "--output_dir",
+            str(tmp_path / "run"),
+            "--per_device_train_batch_size",
+            "2",
+            "--max_stages",
+            "2",
+        ],
+        tmp_path,
+        env=exit_probe_env(probe),
+    )
     assert result.returncode == 0 and "terminate called" not in result.stderr
     records = sorted((json.loads(p.read_text()) for p in probe.glob("rank*.json")), key=lambda r: r["rank"])
     assert records == [{"rank": 0, "process_group_alive": False}, {"rank": 1, "process_group_alive": False}]

@@ -5,10 +5,10 @@ import json
 
 import pytest
 
-from kpig_trainer.kpig.config import KPIGConfig
-from kpig_trainer.continual.runner import ContinualArguments, ContinualRunner
 from kpig_trainer.continual.arguments import load_stream
+from kpig_trainer.continual.runner import ContinualArguments, ContinualRunner
 from kpig_trainer.data.records import DataError
+from kpig_trainer.kpig.config import KPIGConfig
 
 SEEN = ["alpha_task", "beta_task", "gamma_task"]
 TASKS = [*SEEN, "held_task", "spare_task"]
@@ -17,10 +17,18 @@ TASKS = [*SEEN, "held_task", "spare_task"]
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("schedule-data")
-    rows = [{"task": task, "category": "Colors", "id": f"{task}-{k}",
-             "instruction": f"Read the text about {task}. Answer with yes or no only.",
-             "input": f"text number {k} for {task}", "output": "yes" if k % 3 else "no"}
-            for task in TASKS for k in range(16)]
+    rows = [
+        {
+            "task": task,
+            "category": "Colors",
+            "id": f"{task}-{k}",
+            "instruction": f"Read the text about {task}. Answer with yes or no only.",
+            "input": f"text number {k} for {task}",
+            "output": "yes" if k % 3 else "no",
+        }
+        for task in TASKS
+        for k in range(16)
+    ]
     (folder / "tasks.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     (folder / "splits.json").write_text(json.dumps({"seen": SEEN, "held_out": ["held_task"]}))
     return folder
@@ -32,15 +40,33 @@ def tiny_cache(tmp_path_factory, monkeypatch):
 
 
 def arguments(data_dir, **overrides):
-    return ContinualArguments(**{"model_name_or_path": "tiny-llama", "tasks": str(data_dir / "tasks.jsonl"),
-                                 "splits": str(data_dir / "splits.json"), "method": "sft", "test_size": 4,
-                                 "max_train_instances": 6, **overrides})
+    return ContinualArguments(
+        **{
+            "model_name_or_path": "tiny-llama",
+            "tasks": str(data_dir / "tasks.jsonl"),
+            "splits": str(data_dir / "splits.json"),
+            "method": "sft",
+            "test_size": 4,
+            "max_train_instances": 6,
+            **overrides,
+        }
+    )
 
 
 def make_runner(data_dir, out, evaluate_fn=None, **overrides):
-    training = dict(output_dir=str(out), per_device_train_batch_size=4, num_train_epochs=1, learning_rate=5e-3,
-                    report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
-                    max_length=128)
+    training = dict(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        num_train_epochs=1,
+        learning_rate=5e-3,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=0,
+        max_length=128,
+    )
     continual = {k: v for k, v in overrides.items() if k in ContinualArguments.__dataclass_fields__}
     training.update({k: v for k, v in overrides.items() if k not in continual})
     return ContinualRunner(arguments(data_dir, **continual), KPIGConfig(**training), evaluate_fn=evaluate_fn)
@@ -48,22 +74,28 @@ def make_runner(data_dir, out, evaluate_fn=None, **overrides):
 
 def recording_evaluation(calls):
     """An evaluation that records which test sets each row was given (and scores a loss of 0)."""
+
     def evaluate(model, tokenizer, stream, stage):
         calls.append((stage, sorted(stream.test), list(stream.held_out)))
         return {"test_loss": {t: 0.0 for t in stream.test}}
+
     return evaluate
 
 
-@pytest.mark.parametrize("eval_tasks, eval_init, expected", [
-    ("all", True, [(-1, TASKS[:4]), (0, TASKS[:4]), (1, TASKS[:4]), (2, TASKS[:4])]),
-    ("trained", True, [(-1, TASKS[:4]), (0, ["alpha_task"]), (1, ["alpha_task", "beta_task"]), (2, TASKS[:4])]),
-    ("trained", False, [(0, ["alpha_task"]), (1, ["alpha_task", "beta_task"]), (2, TASKS[:4])]),
-    ("final", False, [(2, TASKS[:4])]),
-])
+@pytest.mark.parametrize(
+    "eval_tasks, eval_init, expected",
+    [
+        ("all", True, [(-1, TASKS[:4]), (0, TASKS[:4]), (1, TASKS[:4]), (2, TASKS[:4])]),
+        ("trained", True, [(-1, TASKS[:4]), (0, ["alpha_task"]), (1, ["alpha_task", "beta_task"]), (2, TASKS[:4])]),
+        ("trained", False, [(0, ["alpha_task"]), (1, ["alpha_task", "beta_task"]), (2, TASKS[:4])]),
+        ("final", False, [(2, TASKS[:4])]),
+    ],
+)
 def test_each_row_scores_the_tasks_eval_tasks_names(data_dir, tmp_path, eval_tasks, eval_init, expected):
     calls = []
-    state = make_runner(data_dir, tmp_path / "run", recording_evaluation(calls), eval_tasks=eval_tasks,
-                        eval_init=eval_init).run()
+    state = make_runner(
+        data_dir, tmp_path / "run", recording_evaluation(calls), eval_tasks=eval_tasks, eval_init=eval_init
+    ).run()
     assert [(stage, tasks) for stage, tasks, _ in calls] == [(s, sorted(t)) for s, t in expected]
     # Held-out tasks only where every task is scored.
     assert all(held == (["held_task"] if len(tasks) == 4 else []) for _, tasks, held in calls)
@@ -75,15 +107,18 @@ def test_each_row_scores_the_tasks_eval_tasks_names(data_dir, tmp_path, eval_tas
 def test_a_trained_only_run_still_gives_bwt_and_forgetting(data_dir, tmp_path):
     from kpig_trainer.evaluation.report import read_report
 
-    make_runner(data_dir, tmp_path / "gen", evaluation="generate", eval_ig=False, eval_tasks="trained",
-                eval_init=False).run()
+    make_runner(
+        data_dir, tmp_path / "gen", evaluation="generate", eval_ig=False, eval_tasks="trained", eval_init=False
+    ).run()
     report = read_report(tmp_path / "gen")
     rows = report["matrix"]["rows"]
     assert [r["label"] for r in rows] == ["stage 1", "stage 2", "stage 3"]
     assert set(rows[0]["cells"]) == {"alpha_task"} and set(rows[2]["cells"]) == set(TASKS[:4])
     # BWT from the cells that exist: the last row minus each task's own-stage row.
-    expected = sum(rows[2]["cells"][t]["performance"] - rows[k]["cells"][t]["performance"]
-                   for k, t in enumerate(SEEN[:2])) / 2
+    expected = (
+        sum(rows[2]["cells"][t]["performance"] - rows[k]["cells"][t]["performance"] for k, t in enumerate(SEEN[:2]))
+        / 2
+    )
     metrics = report["matrix"]["metrics"]
     assert metrics["bwt"] == pytest.approx(expected) and metrics["forgetting"] is not None
     assert metrics["fwt"] is None  # no init row, no forward transfer
@@ -114,7 +149,9 @@ def test_validation_needs_enough_training_instances(data_dir):
 
 
 def test_seen_and_held_out_tasks_choose_the_stream(data_dir):
-    stream = load_stream(arguments(data_dir, seen_tasks=["gamma_task", "alpha_task"], held_out_tasks=["spare_task"]), 0)
+    stream = load_stream(
+        arguments(data_dir, seen_tasks=["gamma_task", "alpha_task"], held_out_tasks=["spare_task"]), 0
+    )
     assert [list(s.tasks) for s in stream.stages] == [["gamma_task"], ["alpha_task"]]
     assert stream.held_out == ["spare_task"] and set(stream.test) == {"gamma_task", "alpha_task", "spare_task"}
     with pytest.raises(DataError, match=r"seen_tasks names task\(s\).*'nope'"):

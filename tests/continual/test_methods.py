@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from kpig_trainer.kpig.config import KPIGConfig
-from kpig_trainer.continual.runner import ContinualArguments, ContinualRunner
 from kpig_trainer.continual.methods import ContinualMethod, method_names, register_method
 from kpig_trainer.continual.replay import ReplayChoice, ReplayStrategy
+from kpig_trainer.continual.runner import ContinualArguments, ContinualRunner
+from kpig_trainer.kpig.config import KPIGConfig
 
 SEEN = ["alpha_task", "beta_task", "gamma_task"]
 
@@ -17,10 +17,19 @@ SEEN = ["alpha_task", "beta_task", "gamma_task"]
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("methods-data")
-    rows = [{"task": task, "category": "Colors", "id": f"{task}-{k}",
-             "instruction": f"Read the text about {task}. Answer with yes or no only.",
-             "input": f"text number {k} for {task}", "output": "yes" if k % 3 else "no",
-             "key_parts": ["Answer with yes or no only"]} for task in SEEN for k in range(12)]
+    rows = [
+        {
+            "task": task,
+            "category": "Colors",
+            "id": f"{task}-{k}",
+            "instruction": f"Read the text about {task}. Answer with yes or no only.",
+            "input": f"text number {k} for {task}",
+            "output": "yes" if k % 3 else "no",
+            "key_parts": ["Answer with yes or no only"],
+        }
+        for task in SEEN
+        for k in range(12)
+    ]
     (folder / "tasks.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     return folder
 
@@ -34,11 +43,28 @@ def isolated(tmp_path_factory, monkeypatch):
 
 
 def make_runner(data_dir, out, name="sft", **kwargs):
-    args = ContinualArguments(model_name_or_path="tiny-llama", tasks=str(data_dir / "tasks.jsonl"), method=name,
-                              test_size=4, evaluation="loss")
-    training = KPIGConfig(output_dir=str(out), per_device_train_batch_size=2, num_train_epochs=1, learning_rate=5e-3,
-                          report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
-                          replay_tasks=1, replay_instances=2, max_length=128)
+    args = ContinualArguments(
+        model_name_or_path="tiny-llama",
+        tasks=str(data_dir / "tasks.jsonl"),
+        method=name,
+        test_size=4,
+        evaluation="loss",
+    )
+    training = KPIGConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=2,
+        num_train_epochs=1,
+        learning_rate=5e-3,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=0,
+        replay_tasks=1,
+        replay_instances=2,
+        max_length=128,
+    )
     return ContinualRunner(args, training, **kwargs)
 
 

@@ -9,9 +9,6 @@ import torch
 import torch.multiprocessing as mp
 from launching import free_port
 
-from kpig_trainer.data import Instance
-from kpig_trainer.kpig.collator import KPIGDataCollator
-from kpig_trainer.kpig.info_gain import information_gain
 from kpig_trainer.continual.replay import (
     REPLAY_STRATEGIES,
     ModelScorer,
@@ -20,19 +17,38 @@ from kpig_trainer.continual.replay import (
     lowest,
     response_entropy,
 )
+from kpig_trainer.data import Instance
+from kpig_trainer.kpig.collator import KPIGDataCollator
+from kpig_trainer.kpig.info_gain import information_gain
 
 TASKS = ["t0", "t1", "t2", "t3", "t4"]
 
 
 def make_instances(task, n=12):
     instruction = f"Answer the question about {task} with yes or no. Keep the answer short."
-    return [Instance(f"{task}-{k}", task, instruction, f"question {k} about {task}?", ["yes" if k % 2 else "no"],
-                     key_parts=["with yes or no"]) for k in range(n)]
+    return [
+        Instance(
+            f"{task}-{k}",
+            task,
+            instruction,
+            f"question {k} about {task}?",
+            ["yes" if k % 2 else "no"],
+            key_parts=["with yes or no"],
+        )
+        for k in range(n)
+    ]
 
 
 def request(seen=TASKS, m=2, n=3, seed=0, stage=5):
-    return ReplayRequest(stage=stage, seen_tasks=list(seen), next_tasks=["next"],
-                         candidates={t: make_instances(t) for t in seen}, num_tasks=m, num_instances=n, seed=seed)
+    return ReplayRequest(
+        stage=stage,
+        seen_tasks=list(seen),
+        next_tasks=["next"],
+        candidates={t: make_instances(t) for t in seen},
+        num_tasks=m,
+        num_instances=n,
+        seed=seed,
+    )
 
 
 class StubScorer:
@@ -155,7 +171,8 @@ def test_two_processes_select_the_same_tasks_as_one(tiny_model_path, tmp_path, t
     assert choices[0] == choices[1]
     model, tokenizer = tiny_model_and_tokenizer
     alone = get_replay_strategy("kpig").select(
-        request(m=2, n=3), ModelScorer(model, KPIGDataCollator(tokenizer, max_length=256), show_progress=False))
+        request(m=2, n=3), ModelScorer(model, KPIGDataCollator(tokenizer, max_length=256), show_progress=False)
+    )
     assert choices[0]["tasks"] == alone.tasks
     assert choices[0]["scores"] == pytest.approx(alone.scores, abs=1e-5)
 
@@ -172,9 +189,16 @@ def test_similarity_strategies_follow_the_selector():
         "next": "Is the restaurant review positive or negative? Answer with one word.",
     }
     tasks = {n: Task(n, "c", d, make_instances(n)) for n, d in definitions.items()}
-    req = ReplayRequest(stage=4, seen_tasks=["sentiment", "reviews", "arith", "lists"], next_tasks=["next"],
-                        candidates={n: tasks[n].instances for n in definitions}, num_tasks=2, num_instances=3,
-                        seed=0, tasks=tasks)
+    req = ReplayRequest(
+        stage=4,
+        seen_tasks=["sentiment", "reviews", "arith", "lists"],
+        next_tasks=["next"],
+        candidates={n: tasks[n].instances for n in definitions},
+        num_tasks=2,
+        num_instances=3,
+        seed=0,
+        tasks=tasks,
+    )
     choice = get_replay_strategy("similarity").select(req)
     direct = InstructionSelector(tasks=tasks, show_progress=False).select_tasks("next", req.seen_tasks, 2)
     assert choice.tasks == [t for t, _ in direct] and set(choice.tasks) == {"sentiment", "reviews"}
@@ -183,7 +207,12 @@ def test_similarity_strategies_follow_the_selector():
     table = {"sentiment": 0.9, "reviews": 0.1, "arith": -0.5, "lists": 0.3}
     scorer = StubScorer(table)
     mixed = get_replay_strategy("kpig+similarity", top_similar=3).select(req, scorer)
-    top3 = [t for t, _ in similar_seen_tasks(["next"], req.seen_tasks, 3, InstructionSelector(tasks=tasks, show_progress=False))]
+    top3 = [
+        t
+        for t, _ in similar_seen_tasks(
+            ["next"], req.seen_tasks, 3, InstructionSelector(tasks=tasks, show_progress=False)
+        )
+    ]
     expected = sorted(top3, key=lambda t: table[t])[:2]
     assert mixed.tasks == expected and set(mixed.scores) == set(top3)
     with pytest.raises(ValueError, match="needs a model scorer"):
@@ -214,8 +243,9 @@ def test_a_task_without_key_parts_is_never_replayed_for_its_ig(caplog):
 def test_a_task_with_some_unmaskable_instances_is_ranked_by_the_others(tiny_model_and_tokenizer):
     model, tokenizer = tiny_model_and_tokenizer
     req = request(seen=["t0", "t1"], m=1, n=4)
-    req.candidates["t1"] = [dataclasses.replace(i, key_parts=[]) if k % 2 else i
-                            for k, i in enumerate(req.candidates["t1"])]
+    req.candidates["t1"] = [
+        dataclasses.replace(i, key_parts=[]) if k % 2 else i for k, i in enumerate(req.candidates["t1"])
+    ]
     collator = KPIGDataCollator(tokenizer, max_length=256)
     scorer = ModelScorer(model, collator, show_progress=False)
     scores, samples = get_replay_strategy("kpig").task_scores(req, scorer)

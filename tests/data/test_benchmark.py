@@ -74,7 +74,10 @@ def test_demo_subset_is_annotated_and_sized():
         assert ANNOTATIONS[name]["usage"] == "test", name
     for name in demo["seen"] + demo["held_out"]:
         assert ANNOTATIONS[name]["key_parts"], f"demo task {name} needs hand-written key parts"
-        assert len(json.loads(TASK_FILES[name].read_text())["Instances"]) >= demo["max_train_instances"] + demo["max_test_instances"]
+        assert (
+            len(json.loads(TASK_FILES[name].read_text())["Instances"])
+            >= demo["max_train_instances"] + demo["max_test_instances"]
+        )
 
 
 def test_demo_benchmark_builds_its_stream():

@@ -22,7 +22,7 @@ SMCALFLOW = "task1599_smcalflow_classification"
 
 def write_task(path, **overrides):
     data = {
-        "Definition": ["Answer with \"yes\" or \"no\". Keep it short."],
+        "Definition": ['Answer with "yes" or "no". Keep it short.'],
         "Categories": ["Toy Classification"],
         "Positive Examples": [{"input": "a", "output": "yes", "explanation": "because"}],
         "Negative Examples": [],
@@ -54,8 +54,13 @@ def test_shipped_superni_task_matches_its_file():
 def test_annotation_sets_constraints_category_and_key_parts(tmp_path):
     path = write_task(tmp_path / "toy.json")
     annotation = {
-        "category": "Paper Category", "metric": "ACC", "scope": "In choice", "format": "-",
-        "labels": ["yes", "no"], "max_words": 3, "key_parts": ['Answer with "yes" or "no"'],
+        "category": "Paper Category",
+        "metric": "ACC",
+        "scope": "In choice",
+        "format": "-",
+        "labels": ["yes", "no"],
+        "max_words": 3,
+        "key_parts": ['Answer with "yes" or "no"'],
     }
     task = load_superni_task(path, annotation=annotation)
     assert task.category == "Paper Category"
@@ -83,20 +88,26 @@ def test_missing_field_is_named(tmp_path):
 
 
 def test_empty_output_names_file_task_and_record(tmp_path):
-    path = write_task(tmp_path / "empty.json", Instances=[
-        {"id": "ok", "input": "x", "output": ["yes"]},
-        {"id": "bad-one", "input": "y", "output": [""]},
-    ])
+    path = write_task(
+        tmp_path / "empty.json",
+        Instances=[
+            {"id": "ok", "input": "x", "output": ["yes"]},
+            {"id": "bad-one", "input": "y", "output": [""]},
+        ],
+    )
     with pytest.raises(DataError, match=r"empty.json: task 'empty': record 1 \(id 'bad-one'\): empty output"):
         load_superni_task(path)
 
 
 def test_skip_invalid_drops_and_counts(tmp_path, caplog):
-    path = write_task(tmp_path / "skip.json", Instances=[
-        {"id": "ok", "input": "x", "output": ["yes"]},
-        {"id": "bad", "input": "y", "output": []},
-        {"id": "bad2", "input": "y", "output": ["  "]},
-    ])
+    path = write_task(
+        tmp_path / "skip.json",
+        Instances=[
+            {"id": "ok", "input": "x", "output": ["yes"]},
+            {"id": "bad", "input": "y", "output": []},
+            {"id": "bad2", "input": "y", "output": ["  "]},
+        ],
+    )
     with caplog.at_level(logging.WARNING):
         task = load_superni_task(path, skip_invalid=True)
     assert [i.id for i in task.instances] == ["ok"]
@@ -122,9 +133,21 @@ def test_jsonl_key_parts_are_checked_against_every_instruction_once_per_task(tmp
         {"task": "both", "instruction": "Reply briefly.", "input": "c", "output": "no", "key_parts": ["yes or no"]},
         # 'none': its only key part occurs nowhere, so there is nothing to mask
         {"task": "none", "instruction": "Name a colour.", "input": "d", "output": "red", "key_parts": ["red or blue"]},
-        {"task": "none", "instruction": "Name a colour.", "input": "e", "output": "blue", "key_parts": ["red or blue"]},
+        {
+            "task": "none",
+            "instruction": "Name a colour.",
+            "input": "e",
+            "output": "blue",
+            "key_parts": ["red or blue"],
+        },
         # 'clean': every key part found
-        {"task": "clean", "instruction": "Answer in one word.", "input": "f", "output": "x", "key_parts": ["one word"]},
+        {
+            "task": "clean",
+            "instruction": "Answer in one word.",
+            "input": "f",
+            "output": "x",
+            "key_parts": ["one word"],
+        },
     ]
     path.write_text("\n".join(json.dumps(r) for r in rows))
     with caplog.at_level(logging.WARNING):
@@ -182,10 +205,19 @@ def test_jsonl_missing_column_names_record(tmp_path):
 
 
 def test_dataset_loader_with_column_mapping_equals_jsonl(tmp_path):
-    renamed = [{"name": r["task"], "prompt": r["instruction"], "context": r["input"],
-                "answer": r["output"] if isinstance(r["output"], list) else [r["output"]]} for r in records()]
+    renamed = [
+        {
+            "name": r["task"],
+            "prompt": r["instruction"],
+            "context": r["input"],
+            "answer": r["output"] if isinstance(r["output"], list) else [r["output"]],
+        }
+        for r in records()
+    ]
     dataset = Dataset.from_list(renamed)
-    tasks = load_dataset_tasks(dataset, columns={"task": "name", "instruction": "prompt", "input": "context", "output": "answer"})
+    tasks = load_dataset_tasks(
+        dataset, columns={"task": "name", "instruction": "prompt", "input": "context", "output": "answer"}
+    )
     path = tmp_path / "same.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in records()))
     reference = load_jsonl_tasks(path)

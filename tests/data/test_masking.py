@@ -22,7 +22,7 @@ CASES = [
     ("whitespace_multiline", "the longest\n  word wins", ["LONGEST WORD"], "the [MASK] wins"),
     ("repeats", "count the vowels; vowels are a e i o u", ["vowels"], "count the [MASK]; [MASK] are a e i o u"),
     ("quoted_key_part", "Answer with \"yes\" or 'no'.", ["\u201cyes\u201d", "'no'"], "Answer with [MASK] or [MASK]."),
-    ("unquoted_key_part_keeps_quotes", "Answer with \"yes\".", ["yes"], "Answer with \"[MASK]\"."),
+    ("unquoted_key_part_keeps_quotes", 'Answer with "yes".', ["yes"], 'Answer with "[MASK]".'),
     ("inner_quote_style", "Don\u2019t use commas.", ["don't"], "[MASK] use commas."),
     ("regex_metachars", "compute a+b (mod 7) now", ["a+b", "(mod 7)"], "compute [MASK] now"),
     ("adjacent_space_merged", "the quick brown fox", ["quick", "brown"], "the [MASK] fox"),
@@ -175,7 +175,9 @@ def _check_structure(text: str, parts: list[str], whole_words: bool) -> str:
     for (s1, e1), (s2, e2) in zip(match.spans, match.spans[1:]):
         assert e1 < s2 and text[e1:s2].strip(" \t")
     # Characters outside the spans survive in order, one mask per span.
-    outside = "".join(text[a:b] for a, b in zip([0] + [e for _, e in match.spans], [s for s, _ in match.spans] + [len(text)]))
+    outside = "".join(
+        text[a:b] for a, b in zip([0] + [e for _, e in match.spans], [s for s, _ in match.spans] + [len(text)])
+    )
     assert masked.replace(M, "") == outside
     assert masked.count(M) == len(match.spans)
     return masked

@@ -14,14 +14,14 @@ def plain_tokenizer():
 
 def test_chat_prompt_is_one_user_turn_ending_at_the_assistant_turn(tiny_tokenizer):
     prompt = format_prompt(tiny_tokenizer, "Say hi.", "to Bob")
-    assert prompt == (
-        "<|im_start|>user\nSay hi.\n\nInput: to Bob<|im_end|>\n<|im_start|>assistant\n"
-    )
+    assert prompt == ("<|im_start|>user\nSay hi.\n\nInput: to Bob<|im_end|>\n<|im_start|>assistant\n")
 
 
 def test_chat_prompt_with_system_turn_and_demonstrations(tiny_tokenizer):
     prompt = format_prompt(
-        tiny_tokenizer, "Add one.", "3",
+        tiny_tokenizer,
+        "Add one.",
+        "3",
         demonstrations=[Demonstration("1", "2"), {"input": "5", "output": "6"}],
         system_prompt="Be brief.",
     )
@@ -52,8 +52,9 @@ def test_demonstration_forms_agree(plain_tokenizer):
 
 def test_plain_template_override_and_forcing(tiny_tokenizer, plain_tokenizer):
     alpaca = "### Instruction:\n{instruction}\n\n{examples}### Input:\n{input}\n\n### Response:\n"
-    prompt = format_prompt(tiny_tokenizer, "Copy.", "c", demonstrations=[("a", "b")],
-                           plain_template=alpaca, use_chat_template=False)
+    prompt = format_prompt(
+        tiny_tokenizer, "Copy.", "c", demonstrations=[("a", "b")], plain_template=alpaca, use_chat_template=False
+    )
     assert prompt == (
         "### Instruction:\nCopy.\n\nExample input: a\nExample output: b\n\n### Input:\nc\n\n### Response:\n"
     )

@@ -13,22 +13,37 @@ import sacrebleu
 
 from kpig_trainer.cli import main
 from kpig_trainer.continual.arguments import ContinualArguments, load_stream
-from kpig_trainer.data import (Constraints, DataError, Instance, Task, balanced_sample, build_stream,
-                               load_benchmark, self_bleu_sample, split_task)
+from kpig_trainer.data import (
+    Constraints,
+    DataError,
+    Instance,
+    Task,
+    balanced_sample,
+    build_stream,
+    load_benchmark,
+    self_bleu_sample,
+    split_task,
+)
 from kpig_trainer.data.sampling import BleuReferences, label_key
 
 
 def self_bleu(texts):
     """Self-BLEU as Zhu et al. define it, straight from sacrebleu: each text against all the others."""
-    return statistics.mean(sacrebleu.sentence_bleu(t, texts[:k] + texts[k + 1:]).score for k, t in enumerate(texts))
+    return statistics.mean(sacrebleu.sentence_bleu(t, texts[:k] + texts[k + 1 :]).score for k, t in enumerate(texts))
 
 
 def family_task(families=10, copies=6, scope="-"):
     """Near-duplicates: each family is one sentence of its own words, repeated with a different tail."""
     instances = [
-        Instance(f"f{f}-{c}", "dups", "Copy the text.", " ".join(f"w{f}x{j}" for j in range(8)) + f" tail {c}",
-                 ["yes" if f % 2 else "no"])
-        for f in range(families) for c in range(copies)
+        Instance(
+            f"f{f}-{c}",
+            "dups",
+            "Copy the text.",
+            " ".join(f"w{f}x{j}" for j in range(8)) + f" tail {c}",
+            ["yes" if f % 2 else "no"],
+        )
+        for f in range(families)
+        for c in range(copies)
     ]
     constraints = Constraints(metric="ACC", scope=scope, labels=("yes", "no") if scope == "In choice" else ())
     return Task("dups", "C", "Copy the text.", instances, constraints)
@@ -88,10 +103,15 @@ def test_the_chosen_set_has_a_lower_self_bleu_than_the_balanced_draw(seed):
 
 def test_label_balance_is_kept():
     # 36 "yes" and 4 "no", as the balanced sampler's own test: the same shares under self_bleu.
-    instances = [Instance(f"i{k}", "skew", "Answer yes or no.", f"sentence {k} about {k % 7}",
-                          ["No." if k % 10 == 0 else "yes"]) for k in range(40)]
-    task = Task("skew", "C", "Answer yes or no.", instances,
-                Constraints(metric="ACC", scope="In choice", labels=("yes", "no")))
+    instances = [
+        Instance(
+            f"i{k}", "skew", "Answer yes or no.", f"sentence {k} about {k % 7}", ["No." if k % 10 == 0 else "yes"]
+        )
+        for k in range(40)
+    ]
+    task = Task(
+        "skew", "C", "Answer yes or no.", instances, Constraints(metric="ACC", scope="In choice", labels=("yes", "no"))
+    )
     for n, expected in ((8, {"yes": 4, "no": 4}), (10, {"yes": 6, "no": 4})):
         _, test = split_task(task, seed=0, test_size=n, test_sampling="self_bleu")
         assert collections.Counter(label_key(i.output) for i in test) == expected
@@ -100,8 +120,9 @@ def test_label_balance_is_kept():
 @pytest.mark.parametrize("n", [1, 5, 7, 13, 20])
 def test_label_shares_match_the_balanced_sampler(n):
     labels = ["red"] * 3 + ["green"] * 9 + ["Blue."] * 14
-    instances = [Instance(f"i{k}", "colours", "Name the colour.", f"thing {k}", [label])
-                 for k, label in enumerate(labels)]
+    instances = [
+        Instance(f"i{k}", "colours", "Name the colour.", f"thing {k}", [label]) for k, label in enumerate(labels)
+    ]
     shares = collections.Counter(label_key(i.output) for i in self_bleu_sample(instances, n, random.Random(5)))
     expected = collections.Counter(label_key(i.output) for i in balanced_sample(list(instances), n, random.Random(5)))
     assert shares == expected
@@ -128,8 +149,13 @@ def test_bad_options_name_themselves():
 
 def test_held_out_tasks_are_sampled_the_same_way():
     task = family_task()
-    stream = build_stream({"dups": task, "seen": family_task(scope="-")}, ["seen"], ["dups"],
-                          max_test_instances=10, test_sampling="self_bleu")
+    stream = build_stream(
+        {"dups": task, "seen": family_task(scope="-")},
+        ["seen"],
+        ["dups"],
+        max_test_instances=10,
+        test_sampling="self_bleu",
+    )
     expected = split_task(task, seed=42, max_test_instances=10, test_only=True, test_sampling="self_bleu")[1]
     assert [i.id for i in stream.test["dups"]] == [i.id for i in expected]
     assert stream.settings["test_sampling"] == "self_bleu"
@@ -140,12 +166,14 @@ def test_continual_arguments_reach_the_stream():
     default = load_stream(ContinualArguments(), seed=42)
     diverse = load_stream(ContinualArguments(test_sampling="self_bleu"), seed=42)
     task = default.tasks[name]
-    expected = split_task(task, seed=42, test_size=0.2, max_train_instances=40, max_test_instances=20,
-                          test_sampling="self_bleu")
+    expected = split_task(
+        task, seed=42, test_size=0.2, max_train_instances=40, max_test_instances=20, test_sampling="self_bleu"
+    )
     assert [i.id for i in diverse.test[name]] == [i.id for i in expected[1]]
     assert [i.id for i in diverse.train[name]] == [i.id for i in expected[0]]
-    assert [i.id for i in default.test[name]] == [i.id for i in split_task(
-        task, seed=42, test_size=0.2, max_train_instances=40, max_test_instances=20)[1]]
+    assert [i.id for i in default.test[name]] == [
+        i.id for i in split_task(task, seed=42, test_size=0.2, max_train_instances=40, max_test_instances=20)[1]
+    ]
     assert any({i.id for i in diverse.test[t]} != {i.id for i in default.test[t]} for t in default.seen)
     assert [s.tasks for s in diverse.stages] == [s.tasks for s in default.stages]
 
@@ -164,17 +192,32 @@ def test_cli_summary_takes_the_option(capsys):
 
 
 def test_run_fingerprint_covers_the_option(tmp_path, tmp_path_factory, monkeypatch):
-    from kpig_trainer.kpig.config import KPIGConfig
     from kpig_trainer.continual.runner import ContinualRunner
+    from kpig_trainer.kpig.config import KPIGConfig
 
     monkeypatch.setenv("KPIG_CACHE", str(tmp_path_factory.getbasetemp() / "kpig-cache"))
-    rows = [{"task": "only", "category": "C", "id": f"o-{k}", "instruction": "Answer yes or no.",
-             "input": f"text {k}", "output": "yes"} for k in range(12)]
+    rows = [
+        {
+            "task": "only",
+            "category": "C",
+            "id": f"o-{k}",
+            "instruction": "Answer yes or no.",
+            "input": f"text {k}",
+            "output": "yes",
+        }
+        for k in range(12)
+    ]
     (tmp_path / "tasks.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
 
     def runner(out, **options):
-        args = ContinualArguments(model_name_or_path="tiny-llama", tasks=str(tmp_path / "tasks.jsonl"),
-                                  method="init", evaluation="loss", test_size=4, **options)
+        args = ContinualArguments(
+            model_name_or_path="tiny-llama",
+            tasks=str(tmp_path / "tasks.jsonl"),
+            method="init",
+            evaluation="loss",
+            test_size=4,
+            **options,
+        )
         return ContinualRunner(args, KPIGConfig(output_dir=str(tmp_path / out), report_to=[], use_cpu=True, seed=0))
 
     default = runner("a")
@@ -183,12 +226,36 @@ def test_run_fingerprint_covers_the_option(tmp_path, tmp_path_factory, monkeypat
     # that came with trl.ModelConfig).
     from kpig_trainer.continual.arguments import MODEL_CONFIG_OPTIONS
 
-    later = {"test_sampling", "judge_base_url", "judge_model", "judge_api_key_env", "judge_cache", "seen_tasks",
-             "held_out_tasks", "eval_tasks", "eval_init", "eval_split", "validation_size", *MODEL_CONFIG_OPTIONS}
+    later = {
+        "test_sampling",
+        "judge_base_url",
+        "judge_model",
+        "judge_api_key_env",
+        "judge_cache",
+        "seen_tasks",
+        "held_out_tasks",
+        "eval_tasks",
+        "eval_init",
+        "eval_split",
+        "validation_size",
+        *MODEL_CONFIG_OPTIONS,
+    }
     fields = {k: v for k, v in dataclasses.asdict(default.args).items() if k not in later}
-    training = {k: v for k, v in default.training_args.to_dict().items()
-                if k not in {"output_dir", "logging_dir", "logging_steps", "save_steps", "report_to", "disable_tqdm",
-                             "save_total_limit", "logging_first_step"}}
+    training = {
+        k: v
+        for k, v in default.training_args.to_dict().items()
+        if k
+        not in {
+            "output_dir",
+            "logging_dir",
+            "logging_steps",
+            "save_steps",
+            "report_to",
+            "disable_tqdm",
+            "save_total_limit",
+            "logging_first_step",
+        }
+    }
     data = {"continual": fields, "training": training, "stages": [list(s.tasks) for s in default.stream.stages]}
     old = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
     assert default.fingerprint() == old

@@ -4,8 +4,16 @@ import collections
 
 import pytest
 
-from kpig_trainer.data import (Constraints, DataError, Instance, Task, build_stream, load_benchmark, plan_stages,
-                               split_task)
+from kpig_trainer.data import (
+    Constraints,
+    DataError,
+    Instance,
+    Task,
+    build_stream,
+    load_benchmark,
+    plan_stages,
+    split_task,
+)
 from kpig_trainer.data.stream import label_key
 
 
@@ -120,8 +128,12 @@ def test_paper_test_size_on_the_shipped_benchmark():
 
 def test_test_sampling_is_balanced_over_labels():
     # 36 "yes" and 4 "no": a plain sample of 10 would rarely hold 4 "no"; round robin must.
-    instances = [Instance(f"i{k}", "skew", "Answer yes or no.", str(k), ["No." if k % 10 == 0 else "yes"]) for k in range(40)]
-    task = Task("skew", "C", "Answer yes or no.", instances, Constraints(metric="ACC", scope="In choice", labels=("yes", "no")))
+    instances = [
+        Instance(f"i{k}", "skew", "Answer yes or no.", str(k), ["No." if k % 10 == 0 else "yes"]) for k in range(40)
+    ]
+    task = Task(
+        "skew", "C", "Answer yes or no.", instances, Constraints(metric="ACC", scope="In choice", labels=("yes", "no"))
+    )
     _, test = split_task(task, seed=0, test_size=8)
     counts = collections.Counter(label_key(i.output) for i in test)
     assert counts == {"yes": 4, "no": 4}

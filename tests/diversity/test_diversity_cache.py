@@ -10,26 +10,38 @@ import threading
 import time
 
 import pytest
+from openai_stub import FakeLLM, StubServer
 
 from kpig_trainer.data import DataError, Instance, Task
 from kpig_trainer.diversity import DiversityClient, HeuristicBackend, diversify, load_pools, pool_path, read_pool
 from kpig_trainer.diversity.cache import PoolFile
-from openai_stub import FakeLLM, StubServer
 
 KEY_ENV = "KPIG_TEST_STUB_KEY"
-DEFINITION = ("In this task, you are given a short story. Your job is to write a title for it. "
-              "The title must have less than five words.")
+DEFINITION = (
+    "In this task, you are given a short story. Your job is to write a title for it. "
+    "The title must have less than five words."
+)
 
 
 def make_task(name="story_titles"):
-    return Task(name=name, category="Title Generation", definition=DEFINITION,
-                key_parts=["write a title for it", "The title must have less than five words"],
-                instances=[Instance("0", name, "", "Tom lost his dog. He found it.", ["Lost dog"])])
+    return Task(
+        name=name,
+        category="Title Generation",
+        definition=DEFINITION,
+        key_parts=["write a title for it", "The title must have less than five words"],
+        instances=[Instance("0", name, "", "Tom lost his dog. He found it.", ["Lost dog"])],
+    )
 
 
 def entry(k):
-    return {"instruction": f"Instruction number {k}.", "key_parts": [f"number {k}"], "strategy": "test",
-            "parent": None, "model": "m", "timestamp": "t"}
+    return {
+        "instruction": f"Instruction number {k}.",
+        "key_parts": [f"number {k}"],
+        "strategy": "test",
+        "parent": None,
+        "model": "m",
+        "timestamp": "t",
+    }
 
 
 def lines_of(path):
@@ -157,8 +169,11 @@ def test_resume_after_the_process_is_killed(tmp_path, monkeypatch):
         return fake(prompt, n)
 
     with StubServer(hang_at_8) as server:
-        child = subprocess.Popen([sys.executable, "-c", _CHILD, server.base_url, str(tmp_path), DEFINITION],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        child = subprocess.Popen(
+            [sys.executable, "-c", _CHILD, server.base_url, str(tmp_path), DEFINITION],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         try:
             deadline = time.monotonic() + 30
             while server.requests < 8 and child.poll() is None and time.monotonic() < deadline:
@@ -179,8 +194,12 @@ def test_resume_after_the_process_is_killed(tmp_path, monkeypatch):
     # A crash in the middle of a write leaves a torn line: the resumed run repairs it.
     with open(path, "a", encoding="utf-8") as handle:
         handle.write('{"task": "story_titles", "instruction": "half a li')
-    task = Task(name="story_titles", category="c", definition=DEFINITION,
-                instances=[Instance("0", "story_titles", "", "a story", ["A title"])])
+    task = Task(
+        name="story_titles",
+        category="c",
+        definition=DEFINITION,
+        instances=[Instance("0", "story_titles", "", "a story", ["A title"])],
+    )
     with StubServer(FakeLLM()) as server:
         client = DiversityClient(server.base_url, "stub-model", api_key_env=KEY_ENV, sleep=lambda s: None)
         summary = diversify([task], pool_size=10, client=client, cache_dir=tmp_path, progress=False)

@@ -1,11 +1,16 @@
 """DiversityClient: the real `openai` client against a scripted server on 127.0.0.1."""
 
 import pytest
+from openai_stub import Reply, StubServer
 
 from kpig_trainer.diversity import (
-    DiversityClient, DiversityError, EndpointError, EndpointUnavailable, RequestRejected, RunStopped,
+    DiversityClient,
+    DiversityError,
+    EndpointError,
+    EndpointUnavailable,
+    RequestRejected,
+    RunStopped,
 )
-from openai_stub import Reply, StubServer
 
 KEY_ENV = "KPIG_TEST_STUB_KEY"
 
@@ -17,8 +22,14 @@ def stub_key(monkeypatch):
 
 def make_client(server, sleeps=None, **kwargs):
     """A client with backoff delays recorded instead of slept."""
-    options = {"api_key_env": KEY_ENV, "timeout": 5.0, "max_attempts": 4, "backoff_base": 0.01,
-               "sleep": (sleeps.append if sleeps is not None else lambda s: None), "seed": 0}
+    options = {
+        "api_key_env": KEY_ENV,
+        "timeout": 5.0,
+        "max_attempts": 4,
+        "backoff_base": 0.01,
+        "sleep": (sleeps.append if sleeps is not None else lambda s: None),
+        "seed": 0,
+    }
     options.update(kwargs)
     return DiversityClient(server.base_url, "stub-model", **options)
 
@@ -52,8 +63,11 @@ def test_429_then_success_honours_retry_after():
 
 def test_retry_after_ms_and_cap():
     sleeps = []
-    replies = (Reply(status=429, headers={"retry-after-ms": "250"}),
-               Reply(status=503, headers={"Retry-After": "9999"}), Reply("ok"))
+    replies = (
+        Reply(status=429, headers={"retry-after-ms": "250"}),
+        Reply(status=503, headers={"Retry-After": "9999"}),
+        Reply("ok"),
+    )
     with StubServer(script(*replies)) as server:
         assert make_client(server, sleeps, retry_after_max=3.0).chat("hi") == "ok"
     assert sleeps[0] == pytest.approx(0.25)

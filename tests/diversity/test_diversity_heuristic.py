@@ -5,38 +5,60 @@ import json
 import random
 
 import pytest
+from openai_stub import Reply, StubServer
 
 from kpig_trainer.data import Task, load_benchmark
 from kpig_trainer.data.masking import mask_key_parts
 from kpig_trainer.diversity import (
-    HEURISTIC_STRATEGIES, diversify, evaluate_heuristic, extract_key_parts_heuristic, heuristic_rewrite,
-    load_pools, pool_path, validate_key_parts,
+    HEURISTIC_STRATEGIES,
+    diversify,
+    evaluate_heuristic,
+    extract_key_parts_heuristic,
+    heuristic_rewrite,
+    load_pools,
+    pool_path,
+    validate_key_parts,
 )
 from kpig_trainer.diversity.cli import register_cli
 from kpig_trainer.diversity.heuristic import split_sentences
-from openai_stub import Reply, StubServer
 
 DEMO_PAIR = ["task1722_civil_comments_threat_classification", "task190_snli_classification"]
 
 
-@pytest.mark.parametrize("instruction, expected", [
-    ('In this task, you are given a tweet. Your job is to decide whether the tweet is sarcastic. '
-     'Answer with "sarcastic" or "literal".',
-     ["decide whether the tweet is sarcastic", 'Answer with "sarcastic" or "literal"']),
-    ("Given a list of numbers, sort them in ascending order. Return the result as a list separated by commas.",
-     ["sort them in ascending order", "Return the result as a list separated by commas"]),
-    ("You will be shown a news article. Summaries are useful to readers. Write a title for the article. "
-     "The title should be less than 10 words.",
-     ["Write a title for the article", "The title should be less than 10 words"]),
-    ("Each review was written by a customer. Possible answers are Positive, Negative or Neutral.",
-     ["Possible answers are Positive, Negative or Neutral"]),
-    ("You are given a paragraph. Provide the named entities as a JSON object. Keep in mind that names can "
-     "be ambiguous.", ["Provide the named entities as a JSON object"]),
-    ("In this task, you are given two statements, i.e. a premise and a claim. The output should be 'yes' if "
-     "the premise supports the claim, i.e. Statement 1, and 'no' otherwise.",
-     ["The output should be 'yes' if the premise supports the claim, i.e. Statement 1, and 'no' otherwise"]),
-    ("In this task, you are given a sentence. Sentences come from novels.", []),
-])
+@pytest.mark.parametrize(
+    "instruction, expected",
+    [
+        (
+            "In this task, you are given a tweet. Your job is to decide whether the tweet is sarcastic. "
+            'Answer with "sarcastic" or "literal".',
+            ["decide whether the tweet is sarcastic", 'Answer with "sarcastic" or "literal"'],
+        ),
+        (
+            "Given a list of numbers, sort them in ascending order. Return the result as a list separated by commas.",
+            ["sort them in ascending order", "Return the result as a list separated by commas"],
+        ),
+        (
+            "You will be shown a news article. Summaries are useful to readers. Write a title for the article. "
+            "The title should be less than 10 words.",
+            ["Write a title for the article", "The title should be less than 10 words"],
+        ),
+        (
+            "Each review was written by a customer. Possible answers are Positive, Negative or Neutral.",
+            ["Possible answers are Positive, Negative or Neutral"],
+        ),
+        (
+            "You are given a paragraph. Provide the named entities as a JSON object. Keep in mind that names can "
+            "be ambiguous.",
+            ["Provide the named entities as a JSON object"],
+        ),
+        (
+            "In this task, you are given two statements, i.e. a premise and a claim. The output should be 'yes' if "
+            "the premise supports the claim, i.e. Statement 1, and 'no' otherwise.",
+            ["The output should be 'yes' if the premise supports the claim, i.e. Statement 1, and 'no' otherwise"],
+        ),
+        ("In this task, you are given a sentence. Sentences come from novels.", []),
+    ],
+)
 def test_heuristic_extractor_on_hand_made_instructions(instruction, expected):
     parts = extract_key_parts_heuristic(instruction)
     assert parts == expected
@@ -44,8 +66,10 @@ def test_heuristic_extractor_on_hand_made_instructions(instruction, expected):
 
 
 def test_label_definitions_are_key_parts():
-    instruction = ('You are given a premise and an update. A weakener makes the hypothesis less likely. '
-                   'The premise is a sentence. Answer with "strengthener" or "weakener".')
+    instruction = (
+        "You are given a premise and an update. A weakener makes the hypothesis less likely. "
+        'The premise is a sentence. Answer with "strengthener" or "weakener".'
+    )
     parts = extract_key_parts_heuristic(instruction)
     assert "A weakener makes the hypothesis less likely" in parts
     assert "The premise is a sentence" not in parts
@@ -54,7 +78,11 @@ def test_label_definitions_are_key_parts():
 def test_sentence_split_ignores_abbreviations():
     text = "Is it true, i.e. Statement 2? Yes. Answer e.g. Yes or No.\nNext line"
     assert [text[s:e] for s, e in split_sentences(text)] == [
-        "Is it true, i.e. Statement 2?", "Yes.", "Answer e.g. Yes or No.", "Next line"]
+        "Is it true, i.e. Statement 2?",
+        "Yes.",
+        "Answer e.g. Yes or No.",
+        "Next line",
+    ]
 
 
 @pytest.mark.parametrize("strategy", HEURISTIC_STRATEGIES)
@@ -106,8 +134,11 @@ def test_offline_pipeline_end_to_end_on_two_demo_tasks(tmp_path):
 
 
 def test_unannotated_task_gets_heuristic_seed_key_parts(tmp_path):
-    task = Task(name="plain", category="c",
-                definition="You are given a word. Your task is to spell it backwards. Answer in lowercase only.")
+    task = Task(
+        name="plain",
+        category="c",
+        definition="You are given a word. Your task is to spell it backwards. Answer in lowercase only.",
+    )
     diversify([task], pool_size=4, cache_dir=tmp_path, progress=False)
     seed = json.loads(pool_path(tmp_path, "plain").read_text().splitlines()[0])
     assert seed["key_parts"] == ["spell it backwards", "Answer in lowercase only"]
@@ -115,8 +146,9 @@ def test_unannotated_task_gets_heuristic_seed_key_parts(tmp_path):
 
 
 def test_task_without_any_key_parts_ends_incomplete(tmp_path):
-    task = Task(name="vague", category="c",
-                definition="In this task, you are given a sentence. Sentences come from novels.")
+    task = Task(
+        name="vague", category="c", definition="In this task, you are given a sentence. Sentences come from novels."
+    )
     summary = diversify([task], pool_size=4, cache_dir=tmp_path, max_attempts_per_entry=2, progress=False)
     result = summary.tasks["vague"]
     assert result.status == "incomplete" and result.entries == 1
@@ -152,16 +184,35 @@ def kpig(argv):
 
 
 def test_cli_offline_run_and_resume(tmp_path, capsys):
-    argv = ["diversify", "--benchmark", "demo", "--task", DEMO_PAIR[0], "--task", DEMO_PAIR[1],
-            "--pool-size", "8", "--out", str(tmp_path), "--offline", "--no-progress"]
+    argv = [
+        "diversify",
+        "--benchmark",
+        "demo",
+        "--task",
+        DEMO_PAIR[0],
+        "--task",
+        DEMO_PAIR[1],
+        "--pool-size",
+        "8",
+        "--out",
+        str(tmp_path),
+        "--offline",
+        "--no-progress",
+    ]
     assert kpig(argv) == 0
     out = capsys.readouterr().out
     assert "Instruction pools (heuristic, target 8 per task)" in out and DEMO_PAIR[0] in out
     assert kpig(argv + ["--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["complete"] and summary["tasks"][DEMO_PAIR[1]] == {
-        "entries": 8, "existing": 8, "added": 0, "attempts": 0, "rejections": {}, "status": "complete",
-        "message": ""}
+        "entries": 8,
+        "existing": 8,
+        "added": 0,
+        "attempts": 0,
+        "rejections": {},
+        "status": "complete",
+        "message": "",
+    }
 
 
 def test_cli_evaluate_heuristic(capsys):
@@ -181,8 +232,24 @@ def test_cli_errors(tmp_path, capsys, monkeypatch):
     assert "unknown strategies ['breadth']" in capsys.readouterr().err
     monkeypatch.setenv("KPIG_TEST_STUB_KEY", "sk-wrong")
     with StubServer(lambda prompt, n: Reply(status=401, error="bad key")) as server:
-        code = kpig(["diversify", "--task", DEMO_PAIR[0], "--out", str(tmp_path), "--base-url", server.base_url,
-                     "--model", "m", "--api-key-env", "KPIG_TEST_STUB_KEY", "--no-progress", "--pool-size", "3"])
+        code = kpig(
+            [
+                "diversify",
+                "--task",
+                DEMO_PAIR[0],
+                "--out",
+                str(tmp_path),
+                "--base-url",
+                server.base_url,
+                "--model",
+                "m",
+                "--api-key-env",
+                "KPIG_TEST_STUB_KEY",
+                "--no-progress",
+                "--pool-size",
+                "3",
+            ]
+        )
     assert code == 2
     captured = capsys.readouterr()
     assert "HTTP 401" in captured.err and "KPIG_TEST_STUB_KEY" in captured.err and server.base_url in captured.err

@@ -3,16 +3,17 @@
 import json
 
 import pytest
+from openai_stub import FakeLLM, Reply, StubServer, is_extraction, prompt_section
 
 from kpig_trainer.data import Instance, Task
 from kpig_trainer.diversity import DiversityClient, EndpointError, diversify, load_pools, pool_path
-from openai_stub import FakeLLM, Reply, StubServer, is_extraction, prompt_section
 
 KEY_ENV = "KPIG_TEST_STUB_KEY"
 ANNOTATED = Task(
-    name="review_sentiment", category="Sentiment Analysis",
-    definition='In this task, you are given a product review. Decide whether the review is positive. '
-               'Answer with "Yes" or "No".',
+    name="review_sentiment",
+    category="Sentiment Analysis",
+    definition="In this task, you are given a product review. Decide whether the review is positive. "
+    'Answer with "Yes" or "No".',
     key_parts=["Decide whether the review is positive", 'Answer with "Yes" or "No"'],
     instances=[Instance(str(k), "review_sentiment", "", f"review {k}", ["Yes"]) for k in range(3)],
 )
@@ -20,10 +21,12 @@ ANNOTATED = Task(
 
 def plain_task(name):
     """A task without annotated key parts (its seed's key parts are extracted)."""
-    definition = (f"You will read a sentence about {name}. Count the words in it. "
-                  f"Reply with a single number and nothing else.")
-    return Task(name=name, category="Counting", definition=definition,
-                instances=[Instance("0", name, "", "a b c", ["3"])])
+    definition = (
+        f"You will read a sentence about {name}. Count the words in it. Reply with a single number and nothing else."
+    )
+    return Task(
+        name=name, category="Counting", definition=definition, instances=[Instance("0", name, "", "a b c", ["3"])]
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -32,8 +35,7 @@ def stub_key(monkeypatch):
 
 
 def client_for(server, **kwargs):
-    options = {"api_key_env": KEY_ENV, "timeout": 5.0, "max_attempts": 3, "backoff_base": 0.0,
-               "sleep": lambda s: None}
+    options = {"api_key_env": KEY_ENV, "timeout": 5.0, "max_attempts": 3, "backoff_base": 0.0, "sleep": lambda s: None}
     options.update(kwargs)
     return DiversityClient(server.base_url, "stub-model", **options)
 
@@ -45,8 +47,9 @@ def read_lines(directory, task):
 def test_pools_grow_to_size_with_valid_entries(tmp_path):
     tasks = [ANNOTATED, plain_task("cats"), plain_task("dogs")]
     with StubServer(FakeLLM()) as server:
-        summary = diversify(tasks, pool_size=5, client=client_for(server), cache_dir=tmp_path,
-                            concurrency=2, progress=False)
+        summary = diversify(
+            tasks, pool_size=5, client=client_for(server), cache_dir=tmp_path, concurrency=2, progress=False
+        )
     assert summary.complete and summary.model == "stub-model"
     assert summary.stats["requests"] == server.requests and summary.stats["retries"] == 0
     assert summary.stats["prompt_tokens"] > 0 and summary.stats["completion_tokens"] > 0
@@ -79,22 +82,29 @@ def test_scripted_failures_are_rejected_counted_and_retried(tmp_path):
         if is_extraction(prompt):
             state["extract"] += 1
             if state["extract"] == 1:
-                return Reply("I think the key parts are the counting bits.")      # invalid JSON
+                return Reply("I think the key parts are the counting bits.")  # invalid JSON
             if state["extract"] == 2:
                 return Reply('```json\n["Count the words in it", "Summarise the sentence"]\n```')  # 1 bad span
             return None
         state["evolve"] += 1
         parent = prompt_section(prompt, "INSTRUCTION", "KEY PARTS")
-        return {1: Reply(""),                                                       # empty
-                2: Reply(parent + "\n[KEY PARTS]\n[\"Count\"]"),                    # echoes the template
-                3: Reply(f'"{parent}"'),                                            # unchanged (quoted)
-                4: Reply(status=429, headers={"Retry-After": "0"}),                 # retried
-                6: Reply(status=500),                                               # retried
-                8: Reply("late", delay=3.0)}.get(state["evolve"])                   # timed out, retried
+        return {
+            1: Reply(""),  # empty
+            2: Reply(parent + '\n[KEY PARTS]\n["Count"]'),  # echoes the template
+            3: Reply(f'"{parent}"'),  # unchanged (quoted)
+            4: Reply(status=429, headers={"Retry-After": "0"}),  # retried
+            6: Reply(status=500),  # retried
+            8: Reply("late", delay=3.0),
+        }.get(state["evolve"])  # timed out, retried
 
     with StubServer(FakeLLM(script)) as server:
-        summary = diversify([plain_task("birds")], pool_size=5, client=client_for(server, timeout=1.0),
-                            cache_dir=tmp_path, progress=False)
+        summary = diversify(
+            [plain_task("birds")],
+            pool_size=5,
+            client=client_for(server, timeout=1.0),
+            cache_dir=tmp_path,
+            progress=False,
+        )
     result = summary.tasks["birds"]
     assert result.status == "complete" and result.entries == 5
     assert dict(result.rejections) == {"empty": 1, "template_marker": 1, "unchanged": 1}
@@ -118,8 +128,14 @@ def test_breadth_must_keep_the_key_parts(tmp_path):
         return None
 
     with StubServer(FakeLLM(script)) as server:
-        summary = diversify([ANNOTATED], pool_size=3, client=client_for(server), cache_dir=tmp_path,
-                            strategies=["breadth"], progress=False)
+        summary = diversify(
+            [ANNOTATED],
+            pool_size=3,
+            client=client_for(server),
+            cache_dir=tmp_path,
+            strategies=["breadth"],
+            progress=False,
+        )
     assert summary.tasks["review_sentiment"].rejections == {"lost_key_part": 1}
     for entry in read_lines(tmp_path, "review_sentiment"):
         assert entry["key_parts"] == ANNOTATED.key_parts
@@ -136,8 +152,14 @@ def test_no_key_parts_in_the_evolved_instruction_is_rejected(tmp_path):
         return None
 
     with StubServer(FakeLLM(script)) as server:
-        summary = diversify([ANNOTATED], pool_size=3, client=client_for(server), cache_dir=tmp_path,
-                            strategies=["constraint"], progress=False)
+        summary = diversify(
+            [ANNOTATED],
+            pool_size=3,
+            client=client_for(server),
+            cache_dir=tmp_path,
+            strategies=["constraint"],
+            progress=False,
+        )
     assert summary.tasks["review_sentiment"].rejections == {"no_key_parts": 1}
     assert summary.tasks["review_sentiment"].status == "complete"
 
@@ -147,8 +169,15 @@ def test_attempts_are_bounded_when_the_endpoint_repeats_itself(tmp_path):
         return None if is_extraction(prompt) else Reply("Count the words. Reply with a number.")
 
     with StubServer(FakeLLM(script)) as server:
-        summary = diversify([plain_task("fish")], pool_size=6, client=client_for(server), cache_dir=tmp_path,
-                            strategies=["constraint"], max_attempts_per_entry=2, progress=False)
+        summary = diversify(
+            [plain_task("fish")],
+            pool_size=6,
+            client=client_for(server),
+            cache_dir=tmp_path,
+            strategies=["constraint"],
+            max_attempts_per_entry=2,
+            progress=False,
+        )
         requests = server.requests
     result = summary.tasks["fish"]
     assert result.status == "incomplete" and not summary.complete
@@ -175,8 +204,7 @@ def test_401_stops_all_workers_and_the_run_resumes(tmp_path):
 
     with StubServer(FakeLLM(script)) as server:
         with pytest.raises(EndpointError, match="HTTP 401") as info:
-            diversify(tasks, pool_size=8, client=client_for(server), cache_dir=tmp_path, concurrency=4,
-                      progress=False)
+            diversify(tasks, pool_size=8, client=client_for(server), cache_dir=tmp_path, concurrency=4, progress=False)
     assert seen["topic0"] == 3  # the 401 is not retried
     summary = info.value.summary
     assert summary.tasks["topic0"].status == "error" and "invalid api key" in summary.tasks["topic0"].message

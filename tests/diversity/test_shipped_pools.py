@@ -11,19 +11,21 @@ import pytest
 from transformers import TrainerCallback
 
 from kpig_trainer.benchmark.superni_kpig.build_pools import build_pools
-from kpig_trainer.kpig.config import KPIGConfig
 from kpig_trainer.continual.runner import ContinualArguments, ContinualRunner
 from kpig_trainer.data import load_benchmark
 from kpig_trainer.data.masking import find_key_part_spans
 from kpig_trainer.data.records import DataError
-from kpig_trainer.diversity import SHIPPED_POOLS_DIR, load_pools, load_run_pools, normalize_instruction
-from kpig_trainer.diversity import shipped
+from kpig_trainer.diversity import SHIPPED_POOLS_DIR, load_pools, load_run_pools, normalize_instruction, shipped
+from kpig_trainer.kpig.config import KPIGConfig
 from kpig_trainer.train import parse_run_args
 
 ROOT = Path(__file__).resolve().parents[2]
 POOL_DIR = ROOT / "kpig_trainer" / "benchmark" / "superni_kpig" / "pools"
-REBUILT = ["task1599_smcalflow_classification", "task1152_bard_analogical_reasoning_causation",
-           "task1409_dart_text_generation"]
+REBUILT = [
+    "task1599_smcalflow_classification",
+    "task1152_bard_analogical_reasoning_causation",
+    "task1409_dart_text_generation",
+]
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +76,16 @@ def test_rebuilding_some_tasks_gives_the_shipped_bytes(tmp_path):
 
 
 def test_benchmark_option_resolves_to_the_shipped_pools_in_the_paper_recipe(tmp_path, pools):
-    continual, training = parse_run_args(["--recipe", str(ROOT / "recipes" / "superni_st" / "kpig.yaml"),
-                                          "--bf16", "false", "--output_dir", str(tmp_path / "run")])
+    continual, training = parse_run_args(
+        [
+            "--recipe",
+            str(ROOT / "recipes" / "superni_st" / "kpig.yaml"),
+            "--bf16",
+            "false",
+            "--output_dir",
+            str(tmp_path / "run"),
+        ]
+    )
     assert continual.instruction_pools == "benchmark"
     runner = ContinualRunner(continual, training)  # no model is loaded before run()
     assert len(runner.stream.seen) == 74
@@ -86,8 +96,16 @@ def test_benchmark_option_is_refused_for_own_tasks():
     with pytest.raises(DataError, match=r"instruction_pools='benchmark'.*tasks='my/tasks.jsonl'.*kpig diversify"):
         ContinualArguments(tasks="my/tasks.jsonl", instruction_pools="benchmark")
     with pytest.raises(DataError, match=r"instruction_pools='benchmark'.*tasks="):
-        parse_run_args(["--recipe", str(ROOT / "recipes" / "domain" / "kpig.yaml"), "--bf16", "false",
-                        "--instruction_pools", "benchmark"])
+        parse_run_args(
+            [
+                "--recipe",
+                str(ROOT / "recipes" / "domain" / "kpig.yaml"),
+                "--bf16",
+                "false",
+                "--instruction_pools",
+                "benchmark",
+            ]
+        )
     with pytest.raises(DataError, match=r"instruction_pools='benchmark'.*own tasks"):
         load_run_pools("benchmark", ["a"], custom_tasks="my/tasks.jsonl")
 
@@ -129,14 +147,33 @@ class WatchStage(TrainerCallback):
 
 @pytest.mark.slow
 def test_a_kpig_run_trains_on_shipped_variants_with_the_cached_previous_models_ig(
-        tmp_path, tmp_path_factory, monkeypatch, caplog, tiny_tokenizer, pools):
+    tmp_path, tmp_path_factory, monkeypatch, caplog, tiny_tokenizer, pools
+):
     monkeypatch.setenv("KPIG_CACHE", str(tmp_path_factory.getbasetemp() / "kpig-cache"))
     watch = WatchStage()
-    continual = ContinualArguments(model_name_or_path="tiny-llama", benchmark="demo", instruction_pools="benchmark",
-                                   max_stages=2, max_train_instances=6, max_test_instances=2, evaluate=False)
-    training = KPIGConfig(output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, report_to=[],
-                          use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0, replay_tasks=1,
-                          replay_instances=2, max_length=1024, previous_model="cached", ig_source="previous")
+    continual = ContinualArguments(
+        model_name_or_path="tiny-llama",
+        benchmark="demo",
+        instruction_pools="benchmark",
+        max_stages=2,
+        max_train_instances=6,
+        max_test_instances=2,
+        evaluate=False,
+    )
+    training = KPIGConfig(
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=4,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        replay_tasks=1,
+        replay_instances=2,
+        max_length=1024,
+        previous_model="cached",
+        ig_source="previous",
+    )
     runner = ContinualRunner(continual, training, callbacks=[watch])
     with caplog.at_level(logging.WARNING, logger="kpig_trainer"):
         state = runner.run()

@@ -198,7 +198,8 @@ def test_other_scopes_are_not_applicable():
 
 
 @pytest.mark.parametrize(
-    "response, wordy", [("one two three", False), ("one two  three\n", False), ("one two three four", True), ("", False)]
+    "response, wordy",
+    [("one two three", False), ("one two  three\n", False), ("one two three four", True), ("", False)],
 )
 def test_wordy_threshold_boundary(response, wordy):
     assert is_wordy(response, task(max_words=3)) is wordy

@@ -21,8 +21,25 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def eval_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "tiny"
-    code = main(["eval", "--model", "tiny-llama", "--benchmark", "demo", "--task", SEEN, "--task", HELD_OUT,
-                 "--max-test", "3", "--out", str(out), "--ig", "--no-progress"])
+    code = main(
+        [
+            "eval",
+            "--model",
+            "tiny-llama",
+            "--benchmark",
+            "demo",
+            "--task",
+            SEEN,
+            "--task",
+            HELD_OUT,
+            "--max-test",
+            "3",
+            "--out",
+            str(out),
+            "--ig",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     return out
 
@@ -57,9 +74,30 @@ def test_eval_instances_are_the_streams_test_split(eval_run):
 
 def test_eval_draws_the_test_instances_of_a_self_bleu_run(tmp_path):
     out = tmp_path / "sb"
-    assert main(["eval", "--model", "tiny-llama", "--benchmark", "demo", "--task", SEEN, "--max-test", "3",
-                 "--test-size", "5", "--test-sampling", "self_bleu", "--out", str(out), "--no-progress",
-                 "--no-plots"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--model",
+                "tiny-llama",
+                "--benchmark",
+                "demo",
+                "--task",
+                SEEN,
+                "--max-test",
+                "3",
+                "--test-size",
+                "5",
+                "--test-sampling",
+                "self_bleu",
+                "--out",
+                str(out),
+                "--no-progress",
+                "--no-plots",
+            ]
+        )
+        == 0
+    )
     stream = load_benchmark("demo").stream(test_size=5, test_sampling="self_bleu", max_test_instances=3)
     default = load_benchmark("demo").stream(max_test_instances=3)
     ids = [p["id"] for p in json.loads((out / "report.json").read_text())["predictions"][SEEN]]
@@ -78,16 +116,23 @@ def test_compare_two_reports(eval_run, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed == out.read_text()
     lines = printed.splitlines()
-    assert lines[0] == ("| Run | Seen P-score | Seen V-score | Held-out P-score | Held-out V-score | "
-                        "Seen V (paper) | Held-out V (paper) |")
+    assert lines[0] == (
+        "| Run | Seen P-score | Seen V-score | Held-out P-score | Held-out V-score | "
+        "Seen V (paper) | Held-out V (paper) |"
+    )
     assert lines[2].startswith("| tiny-llama |") and lines[3].startswith("| other-run | **101.0** |")
     assert main(["compare", str(eval_run), "--names", "a", "b"]) == 2
 
 
 def test_module_entry_point_compare(eval_run):
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "kpig_trainer.evaluation", "compare", str(eval_run),
-                           "--names", "INIT"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-m", "kpig_trainer.evaluation", "compare", str(eval_run), "--names", "INIT"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[2].startswith("| INIT |")
     assert time.perf_counter() - started < 120
@@ -110,8 +155,24 @@ def test_unknown_task_is_an_error(tmp_path, capsys):
 
 def test_probes_flag(tmp_path):
     out = tmp_path / "probes"
-    code = main(["eval", "--model", "tiny-llama", "--task", SEEN, "--max-test", "1", "--max-new-tokens", "2",
-                 "--probes", "--out", str(out), "--no-plots", "--no-progress"])
+    code = main(
+        [
+            "eval",
+            "--model",
+            "tiny-llama",
+            "--task",
+            SEEN,
+            "--max-test",
+            "1",
+            "--max-new-tokens",
+            "2",
+            "--probes",
+            "--out",
+            str(out),
+            "--no-plots",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     probe = report["probes"][SEEN]
@@ -124,8 +185,26 @@ def test_probes_flag(tmp_path):
 def test_smollm2_eval(tmp_path, capsys):
     out = tmp_path / "smollm2"
     started = time.perf_counter()
-    code = main(["eval", "--model", "smollm2", "--benchmark", "demo", "--task", SEEN, "--task", HELD_OUT,
-                 "--max-test", "4", "--out", str(out), "--no-progress", "--threads", "1"])
+    code = main(
+        [
+            "eval",
+            "--model",
+            "smollm2",
+            "--benchmark",
+            "demo",
+            "--task",
+            SEEN,
+            "--task",
+            HELD_OUT,
+            "--max-test",
+            "4",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--threads",
+            "1",
+        ]
+    )
     wall = time.perf_counter() - started
     assert code == 0
     report = json.loads((out / "report.json").read_text())
@@ -137,10 +216,12 @@ def test_smollm2_eval(tmp_path, capsys):
     assert 0 < timings["generation"] <= timings["total"] <= timings["wall"] <= wall + 1
     assert wall < 900
     with capsys.disabled():
-        print(f"\nSmolLM2 INIT, 2 demo tasks x 4: seen P/V {report['summary']['seen']['p_score']:.1f}/"
-              f"{report['summary']['seen']['v_score']:.1f}, held-out P/V "
-              f"{report['summary']['held_out']['p_score']:.1f}/{report['summary']['held_out']['v_score']:.1f}, "
-              f"generation {timings['generation']:.1f} s, wall {wall:.1f} s")
+        print(
+            f"\nSmolLM2 INIT, 2 demo tasks x 4: seen P/V {report['summary']['seen']['p_score']:.1f}/"
+            f"{report['summary']['seen']['v_score']:.1f}, held-out P/V "
+            f"{report['summary']['held_out']['p_score']:.1f}/{report['summary']['held_out']['v_score']:.1f}, "
+            f"generation {timings['generation']:.1f} s, wall {wall:.1f} s"
+        )
 
 
 GPT_TASK = "task1217_atomic_answer_generation"  # held-out, metric GPT
@@ -151,9 +232,31 @@ def test_eval_with_a_judge_endpoint(tmp_path):
 
     out = tmp_path / "judged"
     with StubServer(lambda prompt, n: Reply("Yes.")) as server:
-        code = main(["eval", "--model", "tiny-llama", "--benchmark", "superni-kpig", "--task", GPT_TASK,
-                     "--max-test", "2", "--max-new-tokens", "2", "--out", str(out), "--no-plots", "--no-progress",
-                     "--judge-base-url", server.base_url, "--judge-model", "stub", "--judge-api-key-env", ""])
+        code = main(
+            [
+                "eval",
+                "--model",
+                "tiny-llama",
+                "--benchmark",
+                "superni-kpig",
+                "--task",
+                GPT_TASK,
+                "--max-test",
+                "2",
+                "--max-new-tokens",
+                "2",
+                "--out",
+                str(out),
+                "--no-plots",
+                "--no-progress",
+                "--judge-base-url",
+                server.base_url,
+                "--judge-model",
+                "stub",
+                "--judge-api-key-env",
+                "",
+            ]
+        )
         requests = server.requests
     assert code == 0 and requests == 2
     report = json.loads((out / "report.json").read_text())
@@ -175,8 +278,16 @@ def test_judge_failure_falls_back_to_rouge(tiny_model_and_tokenizer):
     model, tokenizer = tiny_model_and_tokenizer
     with StubServer(lambda prompt, n: Reply(status=500, error="down")) as server:
         judge = LLMJudge(base_url=server.base_url, model="stub", api_key_env=None, max_retries=0, timeout=5)
-        result = evaluate_tasks(model, tokenizer, {GPT_TASK: task}, {GPT_TASK: task.instances[:2]},
-                                held_out=[GPT_TASK], judge=judge, max_new_tokens=2, show_progress=False)
+        result = evaluate_tasks(
+            model,
+            tokenizer,
+            {GPT_TASK: task},
+            {GPT_TASK: task.instances[:2]},
+            held_out=[GPT_TASK],
+            judge=judge,
+            max_new_tokens=2,
+            show_progress=False,
+        )
         assert server.requests == 1  # the first failure disables the judge
     score = result.scores[GPT_TASK]
     assert score.fallback and score.metric_used == "rouge_l"
@@ -194,8 +305,25 @@ def test_eval_with_a_peft_adapter(tiny_model_path, tmp_path):
     lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
     lora.save_pretrained(tmp_path / "adapter")
     out = tmp_path / "report"
-    code = main(["eval", "--model", str(tiny_model_path), "--adapter", str(tmp_path / "adapter"), "--task", SEEN,
-                 "--max-test", "1", "--max-new-tokens", "2", "--out", str(out), "--no-plots", "--no-progress"])
+    code = main(
+        [
+            "eval",
+            "--model",
+            str(tiny_model_path),
+            "--adapter",
+            str(tmp_path / "adapter"),
+            "--task",
+            SEEN,
+            "--max-test",
+            "1",
+            "--max-new-tokens",
+            "2",
+            "--out",
+            str(out),
+            "--no-plots",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["adapter"] == str(tmp_path / "adapter") and report["name"].endswith("+ adapter")

@@ -45,8 +45,13 @@ def _tokens(tokenizer, text):
 
 def _task(name="t", **constraints):
     examples = constraints.pop("examples", [])
-    return Task(name, "cat", "Do it.", constraints=Constraints(**constraints),
-                positive_examples=[Demonstration(i, o) for i, o in examples])
+    return Task(
+        name,
+        "cat",
+        "Do it.",
+        constraints=Constraints(**constraints),
+        positive_examples=[Demonstration(i, o) for i, o in examples],
+    )
 
 
 def test_left_padding_matches_one_by_one(noisy_model, tiny_tokenizer, demo):
@@ -54,24 +59,65 @@ def test_left_padding_matches_one_by_one(noisy_model, tiny_tokenizer, demo):
     lengths = {len(i.input) for i in instances}
     assert len(lengths) > 2  # prompts of different lengths: the batch really is padded
     side = tiny_tokenizer.padding_side
-    batched = generate_answers(noisy_model, tiny_tokenizer, instances, demo.tasks, batch_size=4,
-                               max_new_tokens=6, held_out=demo.held_out, show_progress=False)
-    single = [generate_answers(noisy_model, tiny_tokenizer, [i], demo.tasks, batch_size=1, max_new_tokens=6,
-                               held_out=demo.held_out, show_progress=False)[0] for i in instances]
+    batched = generate_answers(
+        noisy_model,
+        tiny_tokenizer,
+        instances,
+        demo.tasks,
+        batch_size=4,
+        max_new_tokens=6,
+        held_out=demo.held_out,
+        show_progress=False,
+    )
+    single = [
+        generate_answers(
+            noisy_model,
+            tiny_tokenizer,
+            [i],
+            demo.tasks,
+            batch_size=1,
+            max_new_tokens=6,
+            held_out=demo.held_out,
+            show_progress=False,
+        )[0]
+        for i in instances
+    ]
     assert batched == single
     assert len(set(batched)) > 1 and all(batched)  # real, varied text
     assert tiny_tokenizer.padding_side == side  # tokenizer untouched
-    again = generate_answers(noisy_model, tiny_tokenizer, instances, demo.tasks, batch_size=3,
-                             max_new_tokens=6, held_out=demo.held_out, show_progress=False)
+    again = generate_answers(
+        noisy_model,
+        tiny_tokenizer,
+        instances,
+        demo.tasks,
+        batch_size=3,
+        max_new_tokens=6,
+        held_out=demo.held_out,
+        show_progress=False,
+    )
     assert again == batched  # deterministic, whatever the batch composition
 
 
 def test_answers_keep_input_order_across_tasks(noisy_model, tiny_tokenizer, demo):
     instances = [demo.test[SEEN][0], demo.test[HELD_OUT][0], demo.test[SEEN][1]]
-    mixed = generate_answers(noisy_model, tiny_tokenizer, instances, demo.tasks, max_new_tokens=4,
-                             held_out=demo.held_out, show_progress=False)
-    reordered = generate_answers(noisy_model, tiny_tokenizer, instances[::-1], demo.tasks, max_new_tokens=4,
-                                 held_out=demo.held_out, show_progress=False)
+    mixed = generate_answers(
+        noisy_model,
+        tiny_tokenizer,
+        instances,
+        demo.tasks,
+        max_new_tokens=4,
+        held_out=demo.held_out,
+        show_progress=False,
+    )
+    reordered = generate_answers(
+        noisy_model,
+        tiny_tokenizer,
+        instances[::-1],
+        demo.tasks,
+        max_new_tokens=4,
+        held_out=demo.held_out,
+        show_progress=False,
+    )
     assert mixed == reordered[::-1]
 
 
@@ -122,16 +168,23 @@ def test_explicit_budget_overrides_the_rule(monkeypatch, noisy_model, tiny_token
 def test_held_out_prompt_has_two_demonstrations(tiny_tokenizer, demo):
     held, seen = demo.tasks[HELD_OUT], demo.tasks[SEEN]
     assert len(held.positive_examples) >= 3
-    prompts = build_prompts(tiny_tokenizer, [demo.test[HELD_OUT][0], demo.test[SEEN][0]], demo.tasks,
-                            held_out=demo.held_out)
+    prompts = build_prompts(
+        tiny_tokenizer, [demo.test[HELD_OUT][0], demo.test[SEEN][0]], demo.tasks, held_out=demo.held_out
+    )
     for example in held.positive_examples[:2]:
         assert f"Example input: {example.input}\nExample output: {example.output}" in prompts[0]
     assert held.positive_examples[2].input not in prompts[0]
     assert "Example input:" not in prompts[1]
     assert seen.positive_examples[0].input not in prompts[1]
     # Off for held-out, on for a seen task through the mapping.
-    prompts = build_prompts(tiny_tokenizer, [demo.test[HELD_OUT][0], demo.test[SEEN][0]], demo.tasks,
-                            held_out=demo.held_out, held_out_demonstrations=0, demonstrations={SEEN: 1})
+    prompts = build_prompts(
+        tiny_tokenizer,
+        [demo.test[HELD_OUT][0], demo.test[SEEN][0]],
+        demo.tasks,
+        held_out=demo.held_out,
+        held_out_demonstrations=0,
+        demonstrations={SEEN: 1},
+    )
     assert "Example input:" not in prompts[0]
     assert prompts[1].count("Example input:") == 1
 
@@ -146,8 +199,15 @@ def test_generate_answers_sends_the_demonstration_prompts(monkeypatch, noisy_mod
 
     monkeypatch.setattr(generation, "format_prompt", spy)
     instances = [demo.test[SEEN][0], demo.test[HELD_OUT][0]]
-    generate_answers(noisy_model, tiny_tokenizer, instances, demo.tasks, held_out=demo.held_out,
-                     max_new_tokens=1, show_progress=False)
+    generate_answers(
+        noisy_model,
+        tiny_tokenizer,
+        instances,
+        demo.tasks,
+        held_out=demo.held_out,
+        max_new_tokens=1,
+        show_progress=False,
+    )
     assert calls == [(instances[0].input, 0), (instances[1].input, 2)]
 
 
@@ -194,8 +254,9 @@ def test_stop_token_ids_include_chat_end_of_turn(tiny_model_and_tokenizer):
 
 def test_peft_model(noisy_model, tiny_tokenizer, demo):
     peft = pytest.importorskip("peft")
-    lora = peft.get_peft_model(copy.deepcopy(noisy_model),
-                               peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    lora = peft.get_peft_model(
+        copy.deepcopy(noisy_model), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    )
     instances = demo.test[SEEN][:2] + demo.test[HELD_OUT][:1]
     kwargs = dict(max_new_tokens=5, held_out=demo.held_out, show_progress=False)
     base = generate_answers(noisy_model, tiny_tokenizer, instances, demo.tasks, **kwargs)

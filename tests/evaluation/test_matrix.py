@@ -91,11 +91,15 @@ def test_sc_stream_uses_each_tasks_own_stage():
 
 def test_row_summaries_pool_violation_rates():
     m = ContinualMatrix(seen=["A", "B"], held_out=["H"], task_stage={"A": 0, "B": 1})
-    row = m.record(0, {
-        "A": _score("A", 80, wfr=10.0, wr=20.0),
-        "B": _score("B", 40, oos=60.0),
-        "H": _score("H", 30, oos=30.0),
-    }, ig={"A": 0.2, "B": 0.4, "H": -0.1})
+    row = m.record(
+        0,
+        {
+            "A": _score("A", 80, wfr=10.0, wr=20.0),
+            "B": _score("B", 40, oos=60.0),
+            "H": _score("H", 30, oos=30.0),
+        },
+        ig={"A": 0.2, "B": 0.4, "H": -0.1},
+    )
     assert row.label == "stage 1"
     assert row.cells["A"]["v_score"] == pytest.approx(15.0)
     assert row.cells["B"]["v_score"] == pytest.approx(60.0)
@@ -114,8 +118,7 @@ def test_row_summaries_carry_both_v_score_readings():
     # one wordy-only task at WR 100 and two format-only tasks at WFR 0, all seen
     m = ContinualMatrix(seen=["W", "F1", "F2"], held_out=[], task_stage={"W": 0, "F1": 0, "F2": 0})
     m.record(None, {"W": _score("W", 0, wr=0.0), "F1": _score("F1", 0, wfr=0.0), "F2": _score("F2", 0, wfr=0.0)})
-    row = m.record(0, {"W": _score("W", 0, wr=100.0), "F1": _score("F1", 0, wfr=0.0),
-                       "F2": _score("F2", 0, wfr=0.0)})
+    row = m.record(0, {"W": _score("W", 0, wr=100.0), "F1": _score("F1", 0, wfr=0.0), "F2": _score("F2", 0, wfr=0.0)})
     assert row.summary["seen"]["v_score"] == pytest.approx(100 / 3)  # three rates pooled
     assert row.summary["seen"]["v_score_paper"] == pytest.approx(50)  # (WFR 0 + WR 100) / 2
     assert row.summary["held_out"]["v_score"] is None and row.summary["held_out"]["v_score_paper"] is None

@@ -80,8 +80,9 @@ def test_misleading_constraint_counts(monkeypatch, smcalflow):
 
     monkeypatch.setattr(probes, "generate_answers", fake_generate)
     spec = load_probe(TASK)["misleading_constraints"][0]
-    result = misleading_constraint_probe(None, None, task, instances, spec["replace"], spec["old_labels"],
-                                         spec["new_labels"], compute_ig=False)
+    result = misleading_constraint_probe(
+        None, None, task, instances, spec["replace"], spec["old_labels"], spec["new_labels"], compute_ig=False
+    )
     (instruction,) = seen["instructions"]
     assert 'Answer with "user" or "agent".' in instruction and '"User" or "Agent"' not in instruction
     assert 'Answer with "user" or "agent"' in seen["key_parts"]  # key parts follow the change

@@ -25,13 +25,30 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def _result(seen_p=(80.0, 40.0), held_p=30.0, fallback=False):
     scores = {
         "A": TaskScore("A", "ACC", "exact_match", seen_p[0], 10.0, None, 20.0, 5),
-        "B": TaskScore("B", "GPT", "rouge_l", seen_p[1], None, 60.0, None, 5, fallback=fallback,
-                       notes=["GPT metric scored with ROUGE-L: no LLM judge available"] if fallback else []),
+        "B": TaskScore(
+            "B",
+            "GPT",
+            "rouge_l",
+            seen_p[1],
+            None,
+            60.0,
+            None,
+            5,
+            fallback=fallback,
+            notes=["GPT metric scored with ROUGE-L: no LLM judge available"] if fallback else [],
+        ),
         "H": TaskScore("H", "ACC", "exact_match", held_p, None, 30.0, 0.0, 5),
     }
     predictions = {t: [{"id": f"{t}-0", "prediction": "x", "references": ["y"]}] for t in scores}
-    return EvalResult(scores, predictions, ["A", "B"], ["H"], ig={"A": 0.2, "B": 0.4, "H": -0.1},
-                      timings={"generation": 1.5, "total": 2.0}, settings={"held_out_demonstrations": 2})
+    return EvalResult(
+        scores,
+        predictions,
+        ["A", "B"],
+        ["H"],
+        ig={"A": 0.2, "B": 0.4, "H": -0.1},
+        timings={"generation": 1.5, "total": 2.0},
+        settings={"held_out_demonstrations": 2},
+    )
 
 
 def _assert_png(path):
@@ -93,8 +110,12 @@ def test_continual_report_with_matrix(tmp_path):
     assert metrics["fwt"] == pytest.approx(25 - 20)
     assert metrics["fwt_held_out"] == pytest.approx(35 - 45)
     assert ContinualMatrix.from_dict(loaded["matrix"]).bwt() == pytest.approx(-20)
-    assert set(report["plots"]) == {"heatmap_performance.png", "heatmap_vscore.png", "scores_over_stages.png",
-                                    "ig_over_stages.png"}
+    assert set(report["plots"]) == {
+        "heatmap_performance.png",
+        "heatmap_vscore.png",
+        "scores_over_stages.png",
+        "ig_over_stages.png",
+    }
     for name in report["plots"]:
         _assert_png(tmp_path / name)
     markdown = (tmp_path / "report.md").read_text()
@@ -112,12 +133,16 @@ def test_compare_two_reports(tmp_path):
     write_report(tmp_path / "b", _matrix(), final=_result((70.0, 60.0), 35.0), name="run-b", plots=False)
     table = compare_markdown([read_report(tmp_path / "a"), read_report(tmp_path / "b")])
     lines = table.strip().splitlines()
-    assert lines[0].startswith("| Run | Seen P-score | Seen V-score | Held-out P-score | Held-out V-score | "
-                               "Seen V (paper) | Held-out V (paper) | Average")
+    assert lines[0].startswith(
+        "| Run | Seen P-score | Seen V-score | Held-out P-score | Held-out V-score | "
+        "Seen V (paper) | Held-out V (paper) | Average"
+    )
     # Best of each column in bold (ties: both); a column with one value has no best.
     assert lines[2] == "| run-a | 60.0 | **30.0** | 30.0 | **15.0** | **30.0** | **15.0** | - | - | - | - | - |"
-    assert lines[3] == ("| run-b | **65.0** | **30.0** | **35.0** | **15.0** | **30.0** | **15.0** "
-                        "| 65.0 | -20.0 | 20.0 | 5.0 | -10.0 |")
+    assert lines[3] == (
+        "| run-b | **65.0** | **30.0** | **35.0** | **15.0** | **30.0** | **15.0** "
+        "| 65.0 | -20.0 | 20.0 | 5.0 | -10.0 |"
+    )
     renamed = compare_markdown([read_report(tmp_path / "a")], names=["X"])
     assert "| X | 60.0 | 30.0 |" in renamed
     # A report written before v_score_paper existed: the table keeps its old columns.
@@ -125,7 +150,8 @@ def test_compare_two_reports(tmp_path):
     for group in old["summary"].values():
         group.pop("v_score_paper")
     assert compare_markdown([old]).splitlines()[0] == (
-        "| Run | Seen P-score | Seen V-score | Held-out P-score | Held-out V-score |")
+        "| Run | Seen P-score | Seen V-score | Held-out P-score | Held-out V-score |"
+    )
 
 
 def _readings_differ():
@@ -153,8 +179,10 @@ def test_report_carries_both_v_score_readings(tmp_path):
     row = table1_row(report)
     assert (row["seen_v"], row["seen_v_paper"]) == (pytest.approx(100 / 3), pytest.approx(50))
     markdown = (tmp_path / "report.md").read_text()
-    assert "| Run | Seen P-score | Seen V-score | Held-out P-score | Held-out V-score | Seen V (paper) " \
-           "| Held-out V (paper) |" in markdown
+    assert (
+        "| Run | Seen P-score | Seen V-score | Held-out P-score | Held-out V-score | Seen V (paper) "
+        "| Held-out V (paper) |" in markdown
+    )
     assert "| r | 50.0 | 33.3 | 20.0 | 15.0 | 50.0 | 15.0 |" in markdown
     assert "| Group | P-score | V-score | V (paper) | WFR | OOS | WR | IG | Tasks |" in markdown
     assert "| seen | 50.0 | 33.3 | 50.0 | 0.0 | - | 100.0 | - | 3 |" in markdown
@@ -174,8 +202,10 @@ def test_continual_report_carries_both_v_score_readings(tmp_path):
     # stage 1 trained only W (WR 100): both readings 100
     assert loaded["matrix"]["rows"][0]["summary"]["trained"]["v_score_paper"] == pytest.approx(100)
     markdown = (tmp_path / "report.md").read_text()
-    assert "| After | Trained P | Trained V | Held-out P | Held-out V | Trained V (paper) | Held-out V (paper) |" \
-           in markdown
+    assert (
+        "| After | Trained P | Trained V | Held-out P | Held-out V | Trained V (paper) | Held-out V (paper) |"
+        in markdown
+    )
     assert "| stage 1 | 50.0 | 100.0 | 20.0 | 15.0 | 100.0 | 15.0 |" in markdown
     assert "| stage 2 | 50.0 | 33.3 | 20.0 | 15.0 | 50.0 | 15.0 |" in markdown
 
@@ -204,12 +234,14 @@ def test_evaluate_stage_into_matrix_and_report(tiny_model_and_tokenizer, tmp_pat
     model, tokenizer = tiny_model_and_tokenizer
     stream = load_benchmark("demo").stream(
         seen=["task1599_smcalflow_classification", "task097_conala_remove_duplicates"],
-        held_out=["task340_winomt_classification_gender_pro"], max_test_instances=2,
+        held_out=["task340_winomt_classification_gender_pro"],
+        max_test_instances=2,
     )
     matrix = ContinualMatrix.from_stream(stream)
     for stage in (None, 0):
-        result = evaluate_stream_stage(model, tokenizer, stream, stage, max_new_tokens=3, compute_ig=True,
-                                       show_progress=False)
+        result = evaluate_stream_stage(
+            model, tokenizer, stream, stage, max_new_tokens=3, compute_ig=True, show_progress=False
+        )
         assert set(result.scores) == set(stream.seen + stream.held_out)
         assert result.settings["stage"] == stage
         matrix.record(stage, result)
@@ -231,8 +263,14 @@ def test_evaluate_tasks_skips_empty_and_checks_names(tiny_model_and_tokenizer, c
     model, tokenizer = tiny_model_and_tokenizer
     stream = load_benchmark("demo").stream(max_test_instances=1)
     name = stream.seen[0]
-    result = evaluate_tasks(model, tokenizer, stream.tasks, {name: stream.test[name], stream.seen[1]: []},
-                            max_new_tokens=2, show_progress=False)
+    result = evaluate_tasks(
+        model,
+        tokenizer,
+        stream.tasks,
+        {name: stream.test[name], stream.seen[1]: []},
+        max_new_tokens=2,
+        show_progress=False,
+    )
     assert list(result.scores) == [name] and "no instances" in caplog.text
     assert math.isnan(result.summary()["held_out"]["p_score"] or math.nan)
     with pytest.raises(KeyError, match="no Task record"):

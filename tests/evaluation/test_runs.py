@@ -19,8 +19,10 @@ from kpig_trainer.evaluation.runs import (
 
 def scores(table):
     """{task: [(value, wr flag), ...]} -> instance scores with ids t0, t1, ..."""
-    return {task: {f"{task}-{k}": InstanceScore(v, {"wfr": None, "oos": None, "wr": f})
-                   for k, (v, f) in enumerate(rows)} for task, rows in table.items()}
+    return {
+        task: {f"{task}-{k}": InstanceScore(v, {"wfr": None, "oos": None, "wr": f}) for k, (v, f) in enumerate(rows)}
+        for task, rows in table.items()
+    }
 
 
 def test_p_and_v_scores_of_instances_match_hand_computed_values():
@@ -72,19 +74,28 @@ def test_paired_bootstrap_refuses_runs_on_different_instances():
 
 @pytest.fixture
 def two_stage_run(tmp_path):
-    rows = [{"task": t, "instruction": f"Answer {t} with yes or no.", "input": f"{t} {k}", "output": "yes",
-             "category": t} for t in ("first", "second") for k in range(6)]
-    tasks = tasks_from_records(rows, source="made",
-                               annotations={t: {"metric": "ACC"} for t in ("first", "second")})
+    rows = [
+        {"task": t, "instruction": f"Answer {t} with yes or no.", "input": f"{t} {k}", "output": "yes", "category": t}
+        for t in ("first", "second")
+        for k in range(6)
+    ]
+    tasks = tasks_from_records(rows, source="made", annotations={t: {"metric": "ACC"} for t in ("first", "second")})
     stream = build_stream(tasks, ["first", "second"], test_size=3, seed=0)
     # Right (yes) or wrong answers of every test instance after each row.
-    plan = {"init": {"first": [0, 0, 0], "second": [0, 0, 1]},
-            "stage_01": {"first": [1, 1, 0], "second": [1, 0, 1]},
-            "stage_02": {"first": [0, 1, 1], "second": [1, 1, 1]}}
+    plan = {
+        "init": {"first": [0, 0, 0], "second": [0, 0, 1]},
+        "stage_01": {"first": [1, 1, 0], "second": [1, 0, 1]},
+        "stage_02": {"first": [0, 1, 1], "second": [1, 1, 1]},
+    }
     (tmp_path / "predictions").mkdir()
     for row, answers in plan.items():
-        data = {t: [{"id": i.id, "prediction": "yes" if right else "no", "references": i.outputs}
-                    for i, right in zip(stream.test[t], answers[t])] for t in answers}
+        data = {
+            t: [
+                {"id": i.id, "prediction": "yes" if right else "no", "references": i.outputs}
+                for i, right in zip(stream.test[t], answers[t])
+            ]
+            for t in answers
+        }
         (tmp_path / "predictions" / f"{row}.json").write_text(json.dumps(data))
     return RunRecord(tmp_path, {}, {}, stream)
 
@@ -101,8 +112,7 @@ def test_flips_count_changes_of_tasks_already_trained(two_stage_run):
     # init -> stage_01: nothing trained before, so nothing to compare
     assert result[0] == {"from": "init", "to": "stage_01", "right_to_wrong": 0, "wrong_to_right": 0, "compared": 0}
     # stage_01 -> stage_02 on 'first' only: [1,1,0] -> [0,1,1]: one lost, one gained
-    assert result[1] == {"from": "stage_01", "to": "stage_02", "right_to_wrong": 1, "wrong_to_right": 1,
-                         "compared": 3}
+    assert result[1] == {"from": "stage_01", "to": "stage_02", "right_to_wrong": 1, "wrong_to_right": 1, "compared": 3}
     every = flips(two_stage_run, tasks=["first", "second"])
     # 'second' over both pairs: [0,0,1] -> [1,0,1] (+1), [1,0,1] -> [1,1,1] (+1); 'first': +2, then 1/1
     assert [(p["right_to_wrong"], p["wrong_to_right"]) for p in every] == [(0, 3), (1, 2)]

@@ -8,11 +8,10 @@ import time
 import pytest
 import torch
 
-from kpig_trainer.data import Instance, instances_to_columns
-from kpig_trainer.data import masking
-from kpig_trainer.kpig.collator import KPIGDataCollator
+from kpig_trainer.data import Instance, instances_to_columns, masking
 from kpig_trainer.data.prompts import format_prompt
 from kpig_trainer.data.records import Task
+from kpig_trainer.kpig.collator import KPIGDataCollator
 from kpig_trainer.kpig.info_gain import information_gain
 from kpig_trainer.kpig.losses import cross_entropy_loss
 from kpig_trainer.testing import TINY_SPECIAL_TOKENS, tiny_tokenizer
@@ -24,12 +23,25 @@ KEY_PARTS = ["positive or negative", "one word"]
 def make_instances():
     return [
         Instance("r1", "sentiment", INSTRUCTION, "The movie was wonderful.", ["positive"], KEY_PARTS),
-        Instance("r2", "sentiment", INSTRUCTION, "The food was cold, and the service was slow.",
-                 ["negative"], KEY_PARTS),
-        Instance("q1", "qa", "Answer the question with yes or no.", "Is the sky blue on a clear day?",
-                 ["Yes, it is."], ["yes or no"]),
-        Instance("s1", "summary", "Summarize the paragraph in one sentence.", "",
-                 ["The river flows through the old town."], ["one sentence"]),
+        Instance(
+            "r2", "sentiment", INSTRUCTION, "The food was cold, and the service was slow.", ["negative"], KEY_PARTS
+        ),
+        Instance(
+            "q1",
+            "qa",
+            "Answer the question with yes or no.",
+            "Is the sky blue on a clear day?",
+            ["Yes, it is."],
+            ["yes or no"],
+        ),
+        Instance(
+            "s1",
+            "summary",
+            "Summarize the paragraph in one sentence.",
+            "",
+            ["The river flows through the old town."],
+            ["one sentence"],
+        ),
     ]
 
 
@@ -93,9 +105,7 @@ def test_twins_share_response_ids_with_different_prompt_lengths(tokenizer):
     for b in range(len(instances)):
         assert response_ids(batch["labels"][b]) == response_ids(batch["masked_labels"][b])
         full_prompt = int((batch["labels"][b] == -100).sum() - (batch["attention_mask"][b] == 0).sum())
-        masked_prompt = int(
-            (batch["masked_labels"][b] == -100).sum() - (batch["masked_attention_mask"][b] == 0).sum()
-        )
+        masked_prompt = int((batch["masked_labels"][b] == -100).sum() - (batch["masked_attention_mask"][b] == 0).sum())
         assert full_prompt != masked_prompt
     assert batch["ids"] == ["r1", "r2", "q1", "s1"]
     assert batch["tasks"] == ["sentiment", "sentiment", "qa", "summary"]
@@ -122,8 +132,9 @@ def test_right_padding_and_attention_masks(tokenizer):
 
 def test_truncation_shortens_the_input_and_keeps_the_response(tokenizer):
     long_input = " ".join(f"Sentence number {i} talks about the river." for i in range(60))
-    instance = Instance("long", "qa", "Answer the question with yes or no.", long_input,
-                        ["Yes, the river flows."], ["yes or no"])
+    instance = Instance(
+        "long", "qa", "Answer the question with yes or no.", long_input, ["Yes, the river flows."], ["yes or no"]
+    )
     collator = KPIGDataCollator(tokenizer, max_length=80)
     batch = collator([instance, make_instances()[0]])
     for prefix in ("", "masked_"):
@@ -176,12 +187,13 @@ def test_overlong_response_errors_or_is_skipped_with_one_log_line(tokenizer, cap
 
 
 def test_pool_sampling_is_deterministic_and_covers_the_pool(tiny_tokenizer):
-    pools = {"sentiment": [
-        {"instruction": f"Variant {k}: label the review as good or bad.", "key_parts": ["good or bad"]}
-        for k in range(4)
-    ]}
-    instances = [Instance(f"id{n}", "sentiment", INSTRUCTION, "Fine.", ["good"], KEY_PARTS)
-                 for n in range(200)]
+    pools = {
+        "sentiment": [
+            {"instruction": f"Variant {k}: label the review as good or bad.", "key_parts": ["good or bad"]}
+            for k in range(4)
+        ]
+    }
+    instances = [Instance(f"id{n}", "sentiment", INSTRUCTION, "Fine.", ["good"], KEY_PARTS) for n in range(200)]
     first = KPIGDataCollator(tiny_tokenizer, instruction_pools=pools, seed=3)
     # A fresh process (pickled collator) draws the same variants, whatever the order.
     again = pickle.loads(pickle.dumps(KPIGDataCollator(tiny_tokenizer, instruction_pools=pools, seed=3)))
@@ -210,12 +222,8 @@ def test_pretokenized_rows_match_raw_rows(tokenizer):
     collator = KPIGDataCollator(tokenizer, max_length=48)  # short enough to truncate some rows
     expected = collator(list(dataset))
     single = dataset.map(collator.tokenize)
-    batched = dataset.map(
-        collator.tokenize, batched=True, batch_size=3, remove_columns=dataset.column_names
-    )
-    assert set(batched.column_names) == {
-        "input_ids", "labels", "masked_input_ids", "masked_labels", "id", "task"
-    }
+    batched = dataset.map(collator.tokenize, batched=True, batch_size=3, remove_columns=dataset.column_names)
+    assert set(batched.column_names) == {"input_ids", "labels", "masked_input_ids", "masked_labels", "id", "task"}
     for rows in (list(single), list(batched), [i.to_dict() for i in instances], instances):
         got = collator(rows)
         assert got.keys() == expected.keys()
@@ -237,8 +245,7 @@ def test_batched_map_drops_skipped_rows(tiny_tokenizer):
 
 def test_output_column_and_plain_sft_batch(tokenizer):
     instances = make_instances()
-    rows = [{k: v for k, v in i.to_dict().items() if k != "outputs"} | {"output": i.output}
-            for i in instances]
+    rows = [{k: v for k, v in i.to_dict().items() if k != "outputs"} | {"output": i.output} for i in instances]
     paired = KPIGDataCollator(tokenizer)(rows)
     plain = KPIGDataCollator(tokenizer, with_masked=False)(instances)
     assert set(plain) == {"input_ids", "attention_mask", "labels"}
@@ -256,14 +263,20 @@ def _bos_adding_tokenizer(chat_template):
         single="<|im_start|> $A", pair="<|im_start|> $A $B", special_tokens=[("<|im_start|>", bos)]
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, chat_template=chat_template, clean_up_tokenization_spaces=False,
+        tokenizer_object=backend,
+        chat_template=chat_template,
+        clean_up_tokenization_spaces=False,
         **TINY_SPECIAL_TOKENS,
     )
 
 
-@pytest.mark.parametrize("template", [
-    "{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}", None,
-])
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{{ bos_token }}{% for m in messages %}[INST] {{ m['content'] }} [/INST]{% endfor %}",
+        None,
+    ],
+)
 def test_exactly_one_bos(template):
     # The tokenizer adds BOS on encode; the template (if any) writes one too.
     tokenizer = _bos_adding_tokenizer(template)
@@ -356,8 +369,9 @@ def test_smollm2_tokenizer():
         assert response_ids(batch["labels"][b]) == response_ids(batch["masked_labels"][b])
     # Speed: 8 prompts of a few hundred tokens each, collated in milliseconds.
     context = " ".join(f"Sentence {i} of a long review about the film and its actors." for i in range(25))
-    long_batch = [Instance(f"l{n}", "sentiment", INSTRUCTION, context + f" {n}", ["positive"], KEY_PARTS)
-                  for n in range(8)]
+    long_batch = [
+        Instance(f"l{n}", "sentiment", INSTRUCTION, context + f" {n}", ["positive"], KEY_PARTS) for n in range(8)
+    ]
     collator(long_batch)
     timings = []
     for _ in range(5):

@@ -11,7 +11,9 @@ from transformers import HfArgumentParser, TrainingArguments
 import kpig_trainer.kpig.config as config_module
 from kpig_trainer.kpig.config import KPIGConfig
 
-KPIG_FIELDS = [f for f in dataclasses.fields(KPIGConfig) if f.name not in {g.name for g in dataclasses.fields(TrainingArguments)}]
+KPIG_FIELDS = [
+    f for f in dataclasses.fields(KPIGConfig) if f.name not in {g.name for g in dataclasses.fields(TrainingArguments)}
+]
 
 
 def make(**overrides):
@@ -33,9 +35,21 @@ def test_paper_defaults():
 
 def test_every_kpig_field_is_documented():
     names = {f.name for f in KPIG_FIELDS}
-    assert {"alpha", "jsd_weight", "replay_tasks", "replay_instances", "mask_token", "previous_model",
-            "ig_source", "jsd_log_base", "teacher_topk", "teacher_cache_dir", "jsd_on", "use_temperature",
-            "max_length"} <= names
+    assert {
+        "alpha",
+        "jsd_weight",
+        "replay_tasks",
+        "replay_instances",
+        "mask_token",
+        "previous_model",
+        "ig_source",
+        "jsd_log_base",
+        "teacher_topk",
+        "teacher_cache_dir",
+        "jsd_on",
+        "use_temperature",
+        "max_length",
+    } <= names
     overridden = ("learning_rate", "num_train_epochs", "remove_unused_columns")
     for f in KPIG_FIELDS + [f for f in dataclasses.fields(KPIGConfig) if f.name in overridden]:
         assert f.metadata.get("help"), f.name
@@ -46,10 +60,22 @@ def test_every_kpig_field_is_documented():
 @pytest.mark.parametrize(
     "option, value",
     [
-        ("alpha", -0.1), ("alpha", math.nan), ("jsd_weight", -1.0), ("jsd_weight", math.inf),
-        ("jsd_log_base", 1.0), ("jsd_log_base", 0.0), ("jsd_on", "prompt"), ("ig_source", "teacher"),
-        ("previous_model", "ema"), ("teacher_topk", 0), ("teacher_topk", 2.5), ("replay_tasks", -1),
-        ("replay_instances", True), ("mask_token", ""), ("max_length", 0), ("twin_passes", "sometimes"),
+        ("alpha", -0.1),
+        ("alpha", math.nan),
+        ("jsd_weight", -1.0),
+        ("jsd_weight", math.inf),
+        ("jsd_log_base", 1.0),
+        ("jsd_log_base", 0.0),
+        ("jsd_on", "prompt"),
+        ("ig_source", "teacher"),
+        ("previous_model", "ema"),
+        ("teacher_topk", 0),
+        ("teacher_topk", 2.5),
+        ("replay_tasks", -1),
+        ("replay_instances", True),
+        ("mask_token", ""),
+        ("max_length", 0),
+        ("twin_passes", "sometimes"),
     ],
 )
 def test_invalid_values_name_the_option(option, value):
@@ -58,10 +84,24 @@ def test_invalid_values_name_the_option(option, value):
 
 
 def test_valid_edge_values():
-    cfg = make(alpha=0.0, jsd_weight=0.0, jsd_log_base=math.e, replay_tasks=0, replay_instances=0,
-               max_length=None, previous_model="cached", ig_source="previous", jsd_on="full", teacher_topk=1)
+    cfg = make(
+        alpha=0.0,
+        jsd_weight=0.0,
+        jsd_log_base=math.e,
+        replay_tasks=0,
+        replay_instances=0,
+        max_length=None,
+        previous_model="cached",
+        ig_source="previous",
+        jsd_on="full",
+        teacher_topk=1,
+    )
     assert cfg.jsd_weight == 0.0 and cfg.max_length is None
-    assert [make(twin_passes=p).twin_passes for p in ("fused", "separate", "sequential")] == ["fused", "separate", "sequential"]
+    assert [make(twin_passes=p).twin_passes for p in ("fused", "separate", "sequential")] == [
+        "fused",
+        "separate",
+        "sequential",
+    ]
 
 
 def test_adapter_mode_needs_peft(monkeypatch):
@@ -75,8 +115,20 @@ def test_adapter_mode_needs_peft(monkeypatch):
 
 def test_parsed_from_the_command_line():
     (cfg,) = HfArgumentParser(KPIGConfig).parse_args_into_dataclasses(
-        ["--output_dir", "x", "--report_to", "none", "--previous_model", "cached", "--jsd_weight", "0.05",
-         "--use_temperature", "false", "--jsd_on", "full"]
+        [
+            "--output_dir",
+            "x",
+            "--report_to",
+            "none",
+            "--previous_model",
+            "cached",
+            "--jsd_weight",
+            "0.05",
+            "--use_temperature",
+            "false",
+            "--jsd_on",
+            "full",
+        ]
     )
     assert (cfg.previous_model, cfg.jsd_weight, cfg.use_temperature, cfg.jsd_on) == ("cached", 0.05, False, "full")
     with pytest.raises(SystemExit):

@@ -171,7 +171,9 @@ def test_information_gain_matches_reference(gen, pads):
     full_logits = torch.randn(4, 12, VOCAB, generator=gen) * 2
     masked_logits = torch.randn(4, 10, VOCAB, generator=gen) * 2
     ig = information_gain_from_logits(full_logits, full_labels, masked_logits, masked_labels, 0.3)
-    expected = [f - m for f, m in zip(ref_info(full_logits, full_labels, 0.3), ref_info(masked_logits, masked_labels, 0.3))]
+    expected = [
+        f - m for f, m in zip(ref_info(full_logits, full_labels, 0.3), ref_info(masked_logits, masked_labels, 0.3))
+    ]
     assert ig.dtype == torch.float32
     assert ig.tolist() == pytest.approx(expected, rel=1e-5, abs=1e-7)
 
@@ -262,8 +264,13 @@ def test_information_gain_tiny_hf_model(gen):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
     )
     model = transformers.LlamaForCausalLM(config)
     full, masked = twin_batch(gen, False, False)
@@ -305,18 +312,32 @@ def test_ig_temperature_detached():
 def test_shared_prefix_equals_full_forwards(tiny_model_and_tokenizer):
     """Instances of one task share the instruction: running it once (key/value cache repeated for
     every row) must give the IG of plain forwards, and of each instance alone."""
-    from kpig_trainer.kpig.collator import KPIGDataCollator
     from kpig_trainer.data.records import Instance
+    from kpig_trainer.kpig.collator import KPIGDataCollator
     from kpig_trainer.kpig.twins import MIN_SHARED_PREFIX, Twin, common_prefix_length
 
     model, tokenizer = tiny_model_and_tokenizer
-    instruction = ("Read the short review below and decide how the writer feels about the product. "
-                   "Answer with positive or negative only, in lower case.")
-    inputs = ["great", "it broke after two days and support never answered", "fine I guess",
-              "the best purchase of the year, my whole family uses it"]
-    instances = [Instance(id=f"i{k}", task="t", instruction=instruction, input=text,
-                          outputs=["positive" if k % 2 == 0 else "negative"], key_parts=["positive or negative"])
-                 for k, text in enumerate(inputs)]
+    instruction = (
+        "Read the short review below and decide how the writer feels about the product. "
+        "Answer with positive or negative only, in lower case."
+    )
+    inputs = [
+        "great",
+        "it broke after two days and support never answered",
+        "fine I guess",
+        "the best purchase of the year, my whole family uses it",
+    ]
+    instances = [
+        Instance(
+            id=f"i{k}",
+            task="t",
+            instruction=instruction,
+            input=text,
+            outputs=["positive" if k % 2 == 0 else "negative"],
+            key_parts=["positive or negative"],
+        )
+        for k, text in enumerate(inputs)
+    ]
     batch = KPIGDataCollator(tokenizer, max_length=256)(instances)
     twin = Twin.from_tensors(batch["input_ids"], batch["attention_mask"], batch["labels"], response_only=True)
     assert common_prefix_length(twin) >= MIN_SHARED_PREFIX  # the premise: a long shared prefix
@@ -335,8 +356,7 @@ def test_shared_prefix_equals_full_forwards(tiny_model_and_tokenizer):
         del model.forward
     assert calls[0][0] == 1 and calls[1][0] == len(instances)  # prefix once, then every row's rest
     plain = information_gain(model, batch, 0.3, share_prefix=False)
-    alone = [information_gain(model, KPIGDataCollator(tokenizer, max_length=256)([i]), 0.3).item()
-             for i in instances]
+    alone = [information_gain(model, KPIGDataCollator(tokenizer, max_length=256)([i]), 0.3).item() for i in instances]
     assert shared.tolist() == pytest.approx(plain.tolist(), abs=1e-6)
     assert shared.tolist() == pytest.approx(alone, abs=1e-6)
     assert len(set(shared.tolist())) == len(instances)  # the rows really differ

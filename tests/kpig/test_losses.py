@@ -207,7 +207,9 @@ def test_gradcheck_float64(gen):
     teacher = torch.randn(2, 4, 5, generator=gen, dtype=torch.float64)
     temps = torch.tensor([1.3, 2.2], dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda s: kpig_jsd(s, teacher, labels, temps, log_base=math.e), (student,))
-    assert torch.autograd.gradcheck(lambda s: kpig_jsd(s, teacher, labels, temps, reduction="none"), (student,), fast_mode=True)
+    assert torch.autograd.gradcheck(
+        lambda s: kpig_jsd(s, teacher, labels, temps, reduction="none"), (student,), fast_mode=True
+    )
     assert torch.autograd.gradcheck(lambda s: cross_entropy_loss(s, labels), (student,), fast_mode=True)
 
 
@@ -226,8 +228,8 @@ def _ga_inputs(gen):
 
 
 LOSSES = {
-    "ce": lambda s, t, l, temp, **kw: cross_entropy_loss(s, l, **kw),
-    "jsd": lambda s, t, l, temp, **kw: kpig_jsd(s, t, l, temp, **kw),
+    "ce": lambda s, t, labels, temp, **kw: cross_entropy_loss(s, labels, **kw),
+    "jsd": lambda s, t, labels, temp, **kw: kpig_jsd(s, t, labels, temp, **kw),
 }
 
 
@@ -326,7 +328,9 @@ def test_topk_approximation_error(temperature):
         assert relative <= rel_tol, (k, relative)
         assert per_token <= token_tol, (k, per_token)
         # The mean reduction agrees with the per-token values.
-        assert kpig_jsd_topk(student, logprobs, indices, labels, temperature).item() == pytest.approx(mean_approx.item(), rel=1e-5)
+        assert kpig_jsd_topk(student, logprobs, indices, labels, temperature).item() == pytest.approx(
+            mean_approx.item(), rel=1e-5
+        )
     assert errors[64] < errors[8]
 
 

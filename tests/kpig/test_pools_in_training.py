@@ -3,8 +3,8 @@
 from collections import Counter
 
 from kpig_trainer.data import load_benchmark
-from kpig_trainer.kpig.collator import KPIGDataCollator
 from kpig_trainer.diversity import diversify, load_pools
+from kpig_trainer.kpig.collator import KPIGDataCollator
 
 
 def test_offline_pools_are_sampled_and_masked_by_the_collator(tmp_path, tiny_tokenizer):

@@ -14,15 +14,21 @@ INSTRUCTION = "Answer the question with yes or no. Keep the answer short."
 
 
 def instance(k, task="t0", key_parts=("with yes or no",), instruction=INSTRUCTION):
-    return Instance(f"{task}-{k}", task, instruction, f"question {k}?", ["yes" if k % 2 else "no"],
-                    key_parts=list(key_parts))
+    return Instance(
+        f"{task}-{k}", task, instruction, f"question {k}?", ["yes" if k % 2 else "no"], key_parts=list(key_parts)
+    )
 
 
 def test_ig_equals_one_instance_at_a_time_and_is_none_without_a_maskable_key_part(tiny_model_and_tokenizer):
     model, tokenizer = tiny_model_and_tokenizer
     collator = build_collator(tokenizer, scoring=True, max_length=256)
-    instances = [instance(0), instance(1, key_parts=()), instance(2), instance(3, key_parts=("not in the text",)),
-                 instance(4, task="t1")]
+    instances = [
+        instance(0),
+        instance(1, key_parts=()),
+        instance(2),
+        instance(3, key_parts=("not in the text",)),
+        instance(4, task="t1"),
+    ]
     got = score_instances(model, instances, collator, kind="ig", alpha=0.3, batch_size=2)
     assert [g is None for g in got] == [False, True, False, True, False]
     for k in (0, 2, 4):

@@ -9,10 +9,9 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from kpig_trainer.kpig.config import KPIGConfig
 from kpig_trainer.kpig.collator import KPIGDataCollator
+from kpig_trainer.kpig.config import KPIGConfig
 from kpig_trainer.kpig.info_gain import information_gain
-from kpig_trainer.testing import tiny_llama
 from kpig_trainer.kpig.teacher import (
     PREVIOUS_ADAPTER,
     AdapterSnapshot,
@@ -26,12 +25,19 @@ from kpig_trainer.kpig.teacher import (
     teacher_modes,
 )
 from kpig_trainer.kpig.twins import TwinBatch, forward_twins
+from kpig_trainer.testing import tiny_llama
 
-ROWS = [{"id": f"r-{i}", "task": "sentiment",
-         "instruction": "Classify the review as positive or negative. Answer in one word.",
-         "input": f"Review number {i}: {'lovely' if i % 2 else 'awful'} food.",
-         "outputs": ["positive" if i % 2 else "negative"], "key_parts": ["positive or negative", "one word"]}
-        for i in range(6)]
+ROWS = [
+    {
+        "id": f"r-{i}",
+        "task": "sentiment",
+        "instruction": "Classify the review as positive or negative. Answer in one word.",
+        "input": f"Review number {i}: {'lovely' if i % 2 else 'awful'} food.",
+        "outputs": ["positive" if i % 2 else "negative"],
+        "key_parts": ["positive or negative", "one word"],
+    }
+    for i in range(6)
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +49,29 @@ def base():
 
 
 def args(tmp_path, **overrides):
-    return KPIGConfig(**{"output_dir": str(tmp_path), "report_to": [], "use_cpu": True, "disable_tqdm": True,
-                         "per_device_eval_batch_size": 4, **overrides})
+    return KPIGConfig(
+        **{
+            "output_dir": str(tmp_path),
+            "report_to": [],
+            "use_cpu": True,
+            "disable_tqdm": True,
+            "per_device_eval_batch_size": 4,
+            **overrides,
+        }
+    )
 
 
 def context(model, tmp_path, collator=None, dataset=None, **overrides):
     config = args(tmp_path, **overrides)  # first: TrainingArguments resets accelerate's state
-    return TeacherContext(accelerator=Accelerator(cpu=True), args=config,
-                          forward=lambda m, twins: forward_twins(m, twins, fuse=False), model=lambda: model,
-                          train_dataset=lambda: dataset, data_collator=lambda: collator, show_progress=False)
+    return TeacherContext(
+        accelerator=Accelerator(cpu=True),
+        args=config,
+        forward=lambda m, twins: forward_twins(m, twins, fuse=False),
+        model=lambda: model,
+        train_dataset=lambda: dataset,
+        data_collator=lambda: collator,
+        show_progress=False,
+    )
 
 
 def plain_logits(model, ids, mask):
@@ -89,15 +109,18 @@ def test_copy_mode_keeps_the_snapshot_until_the_next_one(base, tmp_path):
     torch.testing.assert_close(teacher.targets(batch, "masked", False).logits, after, atol=1e-5, rtol=1e-5)
     # The IG it reports is the frozen model's own (equation 1, by the batch-level reference).
     ig = teacher.targets(batch, "masked", with_info_gain=True).info_gain
-    torch.testing.assert_close(ig, information_gain(copy.deepcopy(model), inputs, 0.3, fuse_twins=False),
-                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        ig, information_gain(copy.deepcopy(model), inputs, 0.3, fuse_twins=False), atol=1e-5, rtol=1e-4
+    )
 
 
 def test_adapter_mode_answers_with_the_snapshot_adapter(base, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(copy.deepcopy(base[0]), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                              lora_dropout=0.0, task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        copy.deepcopy(base[0]),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, task_type="CAUSAL_LM"),
+    )
     perturb(model, seed=2)  # a trained adapter, not the zero-initialised one
     teacher = AdapterSnapshot(context(model, tmp_path))
     teacher.snapshot()
@@ -130,8 +153,9 @@ def test_cached_mode_stores_the_top_k_of_the_model_on_the_training_set(base, tmp
     expected = torch.log_softmax(logits[rows, cols].double(), -1).topk(5, -1)
     torch.testing.assert_close(targets.topk_logprobs.double(), expected.values, atol=1e-4, rtol=1e-4)
     assert torch.equal(targets.topk_indices, expected.indices)
-    torch.testing.assert_close(targets.info_gain, information_gain(reference, inputs, 0.3, fuse_twins=False),
-                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        targets.info_gain, information_gain(reference, inputs, 0.3, fuse_twins=False), atol=1e-5, rtol=1e-4
+    )
 
 
 class ConstantTeacher(Teacher):
@@ -168,8 +192,9 @@ def test_a_registered_mode_is_a_valid_previous_model(base, tmp_path, monkeypatch
         args(tmp_path, previous_model="test-constant")
     register_teacher_mode(ConstantTeacher)
     assert {"copy", "adapter", "cached", "test-constant"} <= set(teacher_modes())
-    trainer = KPIGTrainer(copy.deepcopy(base[0]), args(tmp_path, previous_model="test-constant"),
-                          processing_class=base[1])
+    trainer = KPIGTrainer(
+        copy.deepcopy(base[0]), args(tmp_path, previous_model="test-constant"), processing_class=base[1]
+    )
     assert isinstance(trainer.teacher, ConstantTeacher) and trainer.teacher.snapshots == 1
     # The teacher saw the trainer's model through its context: same logits, JSD 0.
     batch = KPIGDataCollator(base[1])(ROWS[:4])

@@ -14,13 +14,13 @@ import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
-from kpig_trainer.kpig.config import KPIGConfig
 from kpig_trainer.kpig.collator import KPIGDataCollator
+from kpig_trainer.kpig.config import KPIGConfig
 from kpig_trainer.kpig.info_gain import information_gain
-from kpig_trainer.testing import tiny_llama
 from kpig_trainer.kpig.teacher import PREVIOUS_ADAPTER
 from kpig_trainer.kpig.teacher_cache import TeacherCache
 from kpig_trainer.kpig.trainer import KPIGTrainer
+from kpig_trainer.testing import tiny_llama
 
 IGNORE = -100
 
@@ -132,7 +132,10 @@ def make_trainer(base, tmp_path, *, model=None, lora=False, train_dataset=None, 
         from peft import LoraConfig
 
         kwargs["peft_config"] = LoraConfig(
-            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"], lora_dropout=0.0,
+            r=4,
+            lora_alpha=8,
+            target_modules=["q_proj", "v_proj", "o_proj"],
+            lora_dropout=0.0,
             task_type="CAUSAL_LM",
         )
     return KPIGTrainer(
@@ -183,13 +186,26 @@ def ref_info(rows, alpha):
     ]
 
 
-def ref_loss(student, teacher, batch, *, alpha=0.3, jsd_weight=0.02, temperature=True, jsd_on="masked",
-             ig_model=None, log_base=2.0):
+def ref_loss(
+    student,
+    teacher,
+    batch,
+    *,
+    alpha=0.3,
+    jsd_weight=0.02,
+    temperature=True,
+    jsd_on="masked",
+    ig_model=None,
+    log_base=2.0,
+):
     """(loss, ce, jsd, ig) of equation 4 averaged over the batch's response tokens."""
     full = response_logits(student, batch)
     masked = response_logits(student, batch, "masked_")
-    source_full, source_masked = (full, masked) if ig_model is None else (
-        response_logits(ig_model, batch), response_logits(ig_model, batch, "masked_"))
+    source_full, source_masked = (
+        (full, masked)
+        if ig_model is None
+        else (response_logits(ig_model, batch), response_logits(ig_model, batch, "masked_"))
+    )
     ig = [f - m for f, m in zip(ref_info(source_full, alpha), ref_info(source_masked, alpha))]
     prefix = "masked_" if jsd_on == "masked" else ""
     student_rows = masked if jsd_on == "masked" else full
@@ -233,9 +249,14 @@ def test_loss_matches_naive_reference(base, tmp_path, overrides):
     batch = hand_batch(base[1], SPECS)
     loss = loss_of(trainer, batch)
     expected, _, jsd, _ = ref_loss(
-        trainer.model, trainer.teacher.model, batch,
-        alpha=trainer.args.alpha, jsd_weight=trainer.args.jsd_weight,
-        temperature=trainer.args.use_temperature, jsd_on=trainer.args.jsd_on, log_base=trainer.args.jsd_log_base,
+        trainer.model,
+        trainer.teacher.model,
+        batch,
+        alpha=trainer.args.alpha,
+        jsd_weight=trainer.args.jsd_weight,
+        temperature=trainer.args.use_temperature,
+        jsd_on=trainer.args.jsd_on,
+        log_base=trainer.args.jsd_log_base,
     )
     assert jsd > 1e-4  # the JSD term is really exercised
     assert loss.item() == pytest.approx(expected, rel=1e-5)
@@ -245,7 +266,9 @@ def test_ablations_change_exactly_what_they_claim(base, tmp_path):
     batch = hand_batch(base[1], SPECS)
     losses = {}
     for name, overrides in {
-        "kpig": {}, "w/o-temp": {"use_temperature": False}, "w/o-mask": {"jsd_on": "full"},
+        "kpig": {},
+        "w/o-temp": {"use_temperature": False},
+        "w/o-mask": {"jsd_on": "full"},
         "w/o-jsd": {"jsd_weight": 0.0},
     }.items():
         trainer = make_trainer(base, tmp_path, **overrides)
@@ -310,7 +333,9 @@ def test_sequential_backward_happens_only_inside_training_step(base, tmp_path):
 
 def count_forward_rows(model):
     rows = []
-    model.register_forward_pre_hook(lambda module, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True)
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: rows.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
     return rows
 
 
@@ -381,7 +406,10 @@ def test_gradient_accumulation_two_halves_equal_one_full_batch(base, tmp_path, m
     grads = []
     for steps, micro_batches in ((1, [batch]), (2, halves)):
         trainer = make_trainer(
-            base, tmp_path / str(steps), gradient_accumulation_steps=steps, previous_model=mode,
+            base,
+            tmp_path / str(steps),
+            gradient_accumulation_steps=steps,
+            previous_model=mode,
             train_dataset=[batch] if mode == "cached" else None,
         )
         if mode == "cached":  # a cache holding exactly this batch, built before the weights move
@@ -392,7 +420,9 @@ def test_gradient_accumulation_two_halves_equal_one_full_batch(base, tmp_path, m
         trainer.current_gradient_accumulation_steps = steps  # as the training loop sets it
         trainer.model.zero_grad()
         losses = [trainer.training_step(trainer.model, dict(mb), num_items) for mb in micro_batches]
-        grads.append((sum(l.item() for l in losses), torch.cat([p.grad.flatten() for p in trainer.model.parameters()])))
+        grads.append(
+            (sum(loss.item() for loss in losses), torch.cat([p.grad.flatten() for p in trainer.model.parameters()]))
+        )
     (loss_full, grad_full), (loss_halves, grad_halves) = grads
     assert loss_halves == pytest.approx(loss_full, rel=1e-5)
     torch.testing.assert_close(grad_halves, grad_full, atol=1e-6, rtol=1e-4)
@@ -406,9 +436,17 @@ def test_gradient_accumulation_through_the_training_loop(base, tmp_path):
     weights = []
     for batch_size, steps in ((4, 1), (2, 2)):
         trainer = make_trainer(
-            base, tmp_path / str(steps), train_dataset=rows, per_device_train_batch_size=batch_size,
-            gradient_accumulation_steps=steps, max_steps=1, optim="sgd", learning_rate=1.0,
-            lr_scheduler_type="constant", max_grad_norm=0.0, jsd_weight=0.5,
+            base,
+            tmp_path / str(steps),
+            train_dataset=rows,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=steps,
+            max_steps=1,
+            optim="sgd",
+            learning_rate=1.0,
+            lr_scheduler_type="constant",
+            max_grad_norm=0.0,
+            jsd_weight=0.5,
         )
         perturb(trainer.model)
         trainer.train()
@@ -424,8 +462,14 @@ def test_gradient_accumulation_through_the_training_loop(base, tmp_path):
 @pytest.mark.parametrize("mode", ["copy", "cached", "adapter"])
 def test_each_mode_trains_and_logs(base, tmp_path, mode):
     trainer = make_trainer(
-        base, tmp_path, lora=mode == "adapter", previous_model=mode, train_dataset=ROWS, max_steps=8,
-        learning_rate=3e-3 if mode == "adapter" else 1e-3, jsd_weight=0.5,
+        base,
+        tmp_path,
+        lora=mode == "adapter",
+        previous_model=mode,
+        train_dataset=ROWS,
+        max_steps=8,
+        learning_rate=3e-3 if mode == "adapter" else 1e-3,
+        jsd_weight=0.5,
     )
     trainer.train()
     logs = [h for h in trainer.state.log_history if "ce" in h]
@@ -455,15 +499,19 @@ def test_copy_teacher_is_frozen_gets_no_gradient_and_never_changes(base, tmp_pat
 
 
 def adapter_weights(model, name):
-    return {
-        n.replace(f".{name}.", "."): p.detach().clone() for n, p in model.named_parameters() if f".{name}." in n
-    }
+    return {n.replace(f".{name}.", "."): p.detach().clone() for n, p in model.named_parameters() if f".{name}." in n}
 
 
 def test_adapter_snapshot_is_frozen_and_excluded_from_the_optimizer(base, tmp_path):
     trainer = make_trainer(
-        base, tmp_path, lora=True, previous_model="adapter", train_dataset=ROWS, max_steps=3,
-        learning_rate=1e-2, jsd_weight=1.0,
+        base,
+        tmp_path,
+        lora=True,
+        previous_model="adapter",
+        train_dataset=ROWS,
+        max_steps=3,
+        learning_rate=1e-2,
+        jsd_weight=1.0,
     )
     model = trainer.model
     snapshot = adapter_weights(model, PREVIOUS_ADAPTER)
@@ -540,7 +588,12 @@ def test_cached_jsd_within_tolerance_of_exact_jsd(base, tmp_path):
 
 def test_cached_mode_layout_and_no_model_in_memory(base, tmp_path):
     trainer = make_trainer(
-        base, tmp_path, previous_model="cached", ig_source="previous", train_dataset=ROWS, max_steps=1,
+        base,
+        tmp_path,
+        previous_model="cached",
+        ig_source="previous",
+        train_dataset=ROWS,
+        max_steps=1,
         teacher_topk=8,
     )
     assert not trainer.teacher.ready  # built when train() starts
@@ -594,7 +647,9 @@ def test_constructor_defaults_and_errors(base, tmp_path):
     assert trainer.data_collator.mask_token == "<M>" and trainer.data_collator.max_length == 99
     assert trainer.model_accepts_loss_kwargs
 
-    plain_args = TrainingArguments(output_dir=str(tmp_path / "p"), report_to=[], use_cpu=True, remove_unused_columns=True)
+    plain_args = TrainingArguments(
+        output_dir=str(tmp_path / "p"), report_to=[], use_cpu=True, remove_unused_columns=True
+    )
     converted = KPIGTrainer(copy.deepcopy(model), plain_args, processing_class=tokenizer, use_teacher=False)
     assert isinstance(converted.args, KPIGConfig) and converted.args.remove_unused_columns is False
 
@@ -639,8 +694,9 @@ def test_step_plan_follows_the_decision_table(jsd_active, jsd_on, use_temperatur
 
     from kpig_trainer.kpig.trainer import StepPlan
 
-    args = SimpleNamespace(jsd_on=jsd_on, use_temperature=use_temperature, always_log_info_gain=always_log,
-                           ig_source=ig_source)
+    args = SimpleNamespace(
+        jsd_on=jsd_on, use_temperature=use_temperature, always_log_info_gain=always_log, ig_source=ig_source
+    )
     plan = StepPlan.resolve(args, jsd_active)
     # Written out case by case, as the paper's loss reads: IG is needed for the temperature of an
     # active JSD term, or when asked to log it; the masked twin runs with gradients only when the
@@ -655,8 +711,9 @@ def test_step_plan_follows_the_decision_table(jsd_active, jsd_on, use_temperatur
 
 def test_the_step_plan_is_resolved_once_per_configuration(tiny_model_and_tokenizer, tmp_path):
     model, tokenizer = tiny_model_and_tokenizer
-    trainer = KPIGTrainer(model=copy.deepcopy(model), args=KPIGConfig(output_dir=str(tmp_path), report_to=[]),
-                          processing_class=tokenizer)
+    trainer = KPIGTrainer(
+        model=copy.deepcopy(model), args=KPIGConfig(output_dir=str(tmp_path), report_to=[]), processing_class=tokenizer
+    )
     first = trainer._step_plan(True)
     assert trainer._step_plan(True) is first
     trainer.args.use_temperature = False

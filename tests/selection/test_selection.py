@@ -15,16 +15,6 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from kpig_trainer.data import Task, load_benchmark  # noqa: E402
-from kpig_trainer.selection.selector import (  # noqa: E402
-    InstructionSelector,
-    SelectionError,
-    kpig_similarity_tasks,
-    load_pools,
-    select_training_tasks,
-    lowest_ig_among,
-    similar_seen_tasks,
-    task_instructions,
-)
 from kpig_trainer.selection.align import (  # noqa: E402
     InstructionPair,
     align_embedder,
@@ -32,6 +22,16 @@ from kpig_trainer.selection.align import (  # noqa: E402
     instruction_views,
     separation_report,
     split_sentences,
+)
+from kpig_trainer.selection.selector import (  # noqa: E402
+    InstructionSelector,
+    SelectionError,
+    kpig_similarity_tasks,
+    load_pools,
+    lowest_ig_among,
+    select_training_tasks,
+    similar_seen_tasks,
+    task_instructions,
 )
 
 WINOMT = (
@@ -91,10 +91,14 @@ def test_hand_written_variants_rank_their_own_task_first(benchmark, selector):
 
 
 def test_pooled_variants_rank_each_other_above_unrelated_tasks(benchmark, selector):
-    pools = {name: [{"instruction": benchmark.tasks[name].definition}] + [{"instruction": v} for v in variants]
-             for name, variants in VARIANTS.items()}
+    pools = {
+        name: [{"instruction": benchmark.tasks[name].definition}] + [{"instruction": v} for v in variants]
+        for name, variants in VARIANTS.items()
+    }
     for aggregate in ("mean", "max"):
-        pooled = InstructionSelector(selector.model, aggregate=aggregate, tasks=benchmark.tasks, pools=pools, show_progress=False)
+        pooled = InstructionSelector(
+            selector.model, aggregate=aggregate, tasks=benchmark.tasks, pools=pools, show_progress=False
+        )
         for name, variants in VARIANTS.items():
             copy = _task(f"{name}-copy", variants[0])
             # The copy (one variant) against all tasks: its own task, embedded through the pool, wins.
@@ -164,9 +168,19 @@ def test_embeddings_are_cached_in_memory_and_on_disk(selector, tmp_path, monkeyp
     from kpig_trainer.selection import selector as selection
 
     monkeypatch.setattr(selection, "_MEMORY_CACHE", {})  # a clean process-wide cache for this test
-    tasks = {f"probe{i}": _task(f"probe{i}", f"Probe {i}: {text}") for i, text in enumerate(
-        ["Translate the sentence into French.", "Count the nouns.", "Summarize the article in one line.",
-         "Classify the review as positive or negative.", "Write a title for the story.", "Sort the list."])}
+    tasks = {
+        f"probe{i}": _task(f"probe{i}", f"Probe {i}: {text}")
+        for i, text in enumerate(
+            [
+                "Translate the sentence into French.",
+                "Count the nouns.",
+                "Summarize the article in one line.",
+                "Classify the review as positive or negative.",
+                "Write a title for the story.",
+                "Sort the list.",
+            ]
+        )
+    }
     names = list(tasks)
     counting = _CountingModel(selector.model)
     first = InstructionSelector(counting, tasks=tasks, cache=tmp_path, show_progress=False)
@@ -249,7 +263,8 @@ def test_similar_seen_tasks_equals_select_tasks(benchmark, selector):
     assert similar_seen_tasks(stage, seen, 6, selector) == expected
     # Clamped early in a stream; next-stage tasks are never replayed.
     assert [n for n, _ in similar_seen_tasks([nxt], seen[:2], 10, selector)] == [
-        n for n, _ in selector.select_tasks(nxt, seen[:2], 2)]
+        n for n, _ in selector.select_tasks(nxt, seen[:2], 2)
+    ]
     assert all(n != seen[0] for n, _ in similar_seen_tasks([seen[0]], seen[:5], 5, selector))
 
 
@@ -297,8 +312,12 @@ def test_separation_report_matches_a_direct_computation():
             rows = np.array([vectors[t] for t in texts], dtype=np.float32)
             return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
-    pairs = [InstructionPair("a1", "a2", "a", "a"), InstructionPair("b1", "b2", "b", "b"),
-             InstructionPair("a1", "c1", "a", "c"), InstructionPair("b1", "c1", "b", "c")]
+    pairs = [
+        InstructionPair("a1", "a2", "a", "a"),
+        InstructionPair("b1", "b2", "b", "b"),
+        InstructionPair("a1", "c1", "a", "c"),
+        InstructionPair("b1", "c1", "b", "c"),
+    ]
     report = separation_report(Fixed(), pairs)
     cos = lambda x, y: float(np.dot(*Fixed().embed([x, y])))  # noqa: E731
     assert report["same_task_mean"] == pytest.approx((cos("a1", "a2") + cos("b1", "b2")) / 2)
@@ -316,8 +335,13 @@ def test_alignment_raises_separation_on_held_out_tasks(benchmark, selector, tmp_
     before = separation_report(selector, eval_pairs)
     out = tmp_path / "aligned"
     result = align_embedder(
-        [benchmark.tasks[n] for n in train_tasks], out, embedder=selector.model, batch_size=16, learning_rate=5e-5,
-        max_seq_length=64, show_progress=False,
+        [benchmark.tasks[n] for n in train_tasks],
+        out,
+        embedder=selector.model,
+        batch_size=16,
+        learning_rate=5e-5,
+        max_seq_length=64,
+        show_progress=False,
     )  # 8 tasks x (2 positive + 2 negative pairs) = 2 steps of 16 pairs
     assert len(result.pairs) == 32 and result.metadata["positive_pairs"] == 16
     trained_texts = {t for p in result.pairs for t in (p.text_a, p.text_b)}
@@ -328,8 +352,10 @@ def test_alignment_raises_separation_on_held_out_tasks(benchmark, selector, tmp_
     probe = [benchmark.tasks[n].definition for n in eval_tasks[:3]]
     assert np.allclose(aligned.embed(probe), result.model.encode(probe, normalize_embeddings=True), atol=1e-5)
     after = separation_report(aligned, eval_pairs)
-    print(f"\nseparation on {len(eval_tasks)} held-out tasks, {before['same_task_pairs']} same / "
-          f"{before['different_task_pairs']} different pairs: before {before} after {after}")
+    print(
+        f"\nseparation on {len(eval_tasks)} held-out tasks, {before['same_task_pairs']} same / "
+        f"{before['different_task_pairs']} different pairs: before {before} after {after}"
+    )
     assert after["gap"] > before["gap"]
     assert after["different_task_mean"] < before["different_task_mean"]
     assert after["ranking_accuracy"] >= before["ranking_accuracy"]
@@ -369,7 +395,9 @@ def test_select_tasks_cli(parser, capsys):
 
 def test_align_embedder_cli_refuses_to_overwrite(parser, tmp_path):
     (tmp_path / "out").mkdir()
-    args = parser.parse_args(["align-embedder", "--benchmark", "demo", "--out", str(tmp_path / "out"), "--epochs", "2"])
+    args = parser.parse_args(
+        ["align-embedder", "--benchmark", "demo", "--out", str(tmp_path / "out"), "--epochs", "2"]
+    )
     assert args.epochs == 2.0 and args.negative_threshold == 0.3 and not args.overwrite
     with pytest.raises(SelectionError, match="exists"):
         args.handler(args)

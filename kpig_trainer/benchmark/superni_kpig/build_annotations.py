@@ -10,6 +10,7 @@ the task's reference outputs, see README.md). Hand-written fields (labels, forma
 key_parts, notes, labels_from_input) are kept as they are; a new task gets empty ones.
 `--check` also validates the hand-written fields against the task files.
 """
+
 import argparse
 import ast
 import json
@@ -119,8 +120,9 @@ def main():
         source = tables.get(name) or old.get(name, {})  # a task outside the paper keeps its own
         missing = [field for field in DERIVED if field not in source]
         if missing:
-            raise SystemExit(f"{name}: no {', '.join(missing)}; add a tables row or write them "
-                             "into its annotations.json entry")
+            raise SystemExit(
+                f"{name}: no {', '.join(missing)}; add a tables row or write them into its annotations.json entry"
+            )
         entry.update({field: source[field] for field in DERIVED})
         entry["max_words"] = max_words(reference_outputs(tasks[name]), entry["format"])
         out[name] = entry
@@ -128,8 +130,7 @@ def main():
             problems += check(name, out[name], tasks[name])
 
     path.write_text(json.dumps(out, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-    print(f"wrote {path.name}: {len(out)} tasks, "
-          f"{sum(bool(e['key_parts']) for e in out.values())} with key parts")
+    print(f"wrote {path.name}: {len(out)} tasks, {sum(bool(e['key_parts']) for e in out.values())} with key parts")
     for problem in problems:
         print(problem)
 

@@ -13,6 +13,7 @@ from run to run, are left out. Each file is written atomically (temporary file, 
 `--check` rebuilds into a temporary folder and compares with the files in --out instead of
 writing them (exit status 1 on a difference). See pools/README.md.
 """
+
 import argparse
 import json
 import sys
@@ -34,8 +35,9 @@ VOLATILE = ("timestamp",)  # differs on every run; load_pools never reads it
 
 def pool_text(entries):
     """A pool file's content: one JSON object per line, without the volatile fields."""
-    lines = [json.dumps({k: v for k, v in entry.items() if k not in VOLATILE}, ensure_ascii=False)
-             for entry in entries]
+    lines = [
+        json.dumps({k: v for k, v in entry.items() if k not in VOLATILE}, ensure_ascii=False) for entry in entries
+    ]
     return "".join(line + "\n" for line in lines)
 
 
@@ -54,10 +56,20 @@ def build_pools(out=POOLS_DIR, tasks=None, *, pool_size=POOL_SIZE, seed=SEED, be
     # Grown from scratch every time: diversify resumes existing files, which would make the
     # result depend on what was in the folder before.
     with tempfile.TemporaryDirectory(prefix="kpig-pools-") as scratch:
-        summary = diversify({name: all_tasks[name] for name in names}, pool_size=pool_size, client=None,
-                            cache_dir=scratch, concurrency=1, seed=seed, progress=False)
-        short = {name: result.message or result.status for name, result in summary.tasks.items()
-                 if result.status != "complete"}
+        summary = diversify(
+            {name: all_tasks[name] for name in names},
+            pool_size=pool_size,
+            client=None,
+            cache_dir=scratch,
+            concurrency=1,
+            seed=seed,
+            progress=False,
+        )
+        short = {
+            name: result.message or result.status
+            for name, result in summary.tasks.items()
+            if result.status != "complete"
+        }
         if short:
             raise RuntimeError(f"pools that did not reach {pool_size} entries: {short}")
         for name in names:
@@ -69,23 +81,31 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=POOLS_DIR, help=f"pool folder (default: {POOLS_DIR})")
     parser.add_argument("--task", action="append", metavar="NAME", help="only this task (repeatable)")
-    parser.add_argument("--check", action="store_true",
-                        help="rebuild into a temporary folder and compare with --out; write nothing")
+    parser.add_argument(
+        "--check", action="store_true", help="rebuild into a temporary folder and compare with --out; write nothing"
+    )
     args = parser.parse_args(argv)
     start = time.monotonic()
     if not args.check:
         written = build_pools(args.out, args.task)
         size = sum(path.stat().st_size for path in written.values())
-        print(f"wrote {len(written)} pools of {POOL_SIZE} entries to {args.out}: {size} bytes, "
-              f"{time.monotonic() - start:.1f}s")
+        print(
+            f"wrote {len(written)} pools of {POOL_SIZE} entries to {args.out}: {size} bytes, "
+            f"{time.monotonic() - start:.1f}s"
+        )
         return 0
     with tempfile.TemporaryDirectory() as fresh:
         rebuilt = build_pools(fresh, args.task)
         shipped = {name: pool_path(args.out, name) for name in rebuilt}
-        differ = [name for name, path in rebuilt.items()
-                  if not shipped[name].exists() or shipped[name].read_bytes() != path.read_bytes()]
-    print(f"checked {len(rebuilt)} pools in {time.monotonic() - start:.1f}s: "
-          + (f"{len(differ)} differ: {differ}" if differ else "all identical"))
+        differ = [
+            name
+            for name, path in rebuilt.items()
+            if not shipped[name].exists() or shipped[name].read_bytes() != path.read_bytes()
+        ]
+    print(
+        f"checked {len(rebuilt)} pools in {time.monotonic() - start:.1f}s: "
+        + (f"{len(differ)} differ: {differ}" if differ else "all identical")
+    )
     return 1 if differ else 0
 
 
