@@ -13,9 +13,10 @@ import sys
 import torch
 from datasets import Dataset
 
-from kpig_trainer.distributed import end_distributed, full_weights, load_model_and_tokenizer
+from kpig_trainer.distributed import end_distributed, full_weights
 from kpig_trainer.kpig.config import KPIGConfig
 from kpig_trainer.kpig.trainer import KPIGTrainer
+from kpig_trainer.models import load_model_and_tokenizer
 
 
 def main(model_dir: str, mode: str, out: str) -> None:
