@@ -45,3 +45,9 @@ def exit_probe_env(folder: Path) -> dict[str, str]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = [str(ROOT / "tests" / "exit_probe"), *filter(None, [os.environ.get("PYTHONPATH")])]
     return {"PYTHONPATH": os.pathsep.join(paths), "KPIG_EXIT_PROBE": str(folder)}
+
+
+def two_processes() -> list[str]:
+    """``accelerate launch`` flags for two gloo processes on this machine (``--cpu --num_processes 2``
+    would run one), on a free port."""
+    return ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--main_process_port", str(free_port())]

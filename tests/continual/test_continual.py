@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_runs import tiny_training
 from transformers import TrainerCallback
 
 from kpig_trainer.continual.runner import ContinualArguments, ContinualRunner
@@ -53,21 +54,7 @@ def make_runner(data_dir, out, method="kpig", callbacks=None, evaluate_fn=None, 
         keep_last_stages=2,
         evaluation="loss",
     )
-    training = dict(
-        output_dir=str(out),
-        per_device_train_batch_size=4,
-        num_train_epochs=1,
-        learning_rate=5e-3,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        seed=0,
-        replay_tasks=1,
-        replay_instances=2,
-        max_length=128,
-    )
+    training = tiny_training(out, replay_tasks=1, replay_instances=2)
     for key, value in overrides.items():
         (continual if key in ContinualArguments.__dataclass_fields__ else training)[key] = value
     return ContinualRunner(

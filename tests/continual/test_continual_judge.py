@@ -7,6 +7,7 @@ import json
 import re
 
 import pytest
+from tiny_runs import tiny_training
 
 from kpig_trainer.continual.runner import ContinualArguments, ContinualRunner
 from kpig_trainer.continual.state import RunState
@@ -52,19 +53,7 @@ def make_runner(data_dir, out, **overrides):
         evaluation="generate",
         eval_ig=False,
     )
-    training = dict(
-        output_dir=str(out),
-        per_device_train_batch_size=4,
-        num_train_epochs=1,
-        learning_rate=5e-3,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        seed=0,
-        max_length=128,
-    )
+    training = tiny_training(out)
     for key, value in overrides.items():
         (continual if key in ContinualArguments.__dataclass_fields__ else training)[key] = value
     return ContinualRunner(ContinualArguments(**continual), KPIGConfig(**training))
@@ -257,7 +246,7 @@ def test_unset_judge_options_keep_the_fingerprint(data_dir, tmp_path, monkeypatc
 
 @pytest.mark.distributed
 def test_two_processes_ask_the_judge_once_per_answer(data_dir, tmp_path):
-    from launching import accelerate_launch, free_port
+    from launching import accelerate_launch, two_processes
     from openai_stub import Reply, StubServer
 
     from kpig_trainer.testing import save_tiny_llama
@@ -285,13 +274,7 @@ def test_two_processes_ask_the_judge_once_per_answer(data_dir, tmp_path):
         (tmp_path / "recipe.yaml").write_text("\n".join(lines) + "\n")
         accelerate_launch(
             [
-                "--multi_gpu",
-                "--num_processes",
-                "2",
-                "--num_machines",
-                "1",
-                "--main_process_port",
-                str(free_port()),
+                *two_processes(),
                 "examples/cit.py",
                 "--recipe",
                 str(tmp_path / "recipe.yaml"),

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from launching import accelerate_launch, exit_probe_env, free_port
+from launching import accelerate_launch, exit_probe_env, two_processes
 
 from kpig_trainer.continual.state import RunState
 from kpig_trainer.testing import save_tiny_llama
@@ -82,13 +82,7 @@ def test_two_processes_choose_the_same_replay_as_each_other_and_as_one(recipe, t
     two, one = tmp_path / "two", tmp_path / "one"
     result = accelerate_launch(
         [
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--main_process_port",
-            str(free_port()),
+            *two_processes(),
             "examples/cit.py",
             "--recipe",
             str(recipe / "recipe.yaml"),
@@ -148,13 +142,7 @@ def test_two_process_main_job_exits_cleanly_on_every_rank(recipe, tmp_path):
     probe = tmp_path / "probe"
     result = accelerate_launch(
         [
-            "--multi_gpu",
-            "--num_processes",
-            "2",
-            "--num_machines",
-            "1",
-            "--main_process_port",
-            str(free_port()),
+            *two_processes(),
             "examples/cit.py",
             "--recipe",
             str(recipe / "recipe.yaml"),

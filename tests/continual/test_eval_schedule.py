@@ -4,6 +4,7 @@ chosen by seen_tasks / held_out_tasks."""
 import json
 
 import pytest
+from tiny_runs import tiny_training
 
 from kpig_trainer.continual.arguments import load_stream
 from kpig_trainer.continual.runner import ContinualArguments, ContinualRunner
@@ -54,19 +55,7 @@ def arguments(data_dir, **overrides):
 
 
 def make_runner(data_dir, out, evaluate_fn=None, **overrides):
-    training = dict(
-        output_dir=str(out),
-        per_device_train_batch_size=4,
-        num_train_epochs=1,
-        learning_rate=5e-3,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        seed=0,
-        max_length=128,
-    )
+    training = tiny_training(out)
     continual = {k: v for k, v in overrides.items() if k in ContinualArguments.__dataclass_fields__}
     training.update({k: v for k, v in overrides.items() if k not in continual})
     return ContinualRunner(arguments(data_dir, **continual), KPIGConfig(**training), evaluate_fn=evaluate_fn)

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from tiny_runs import tiny_training
 
 from kpig_trainer.continual.methods import ContinualMethod, method_names, register_method
 from kpig_trainer.continual.replay import ReplayChoice, ReplayStrategy
@@ -50,21 +51,7 @@ def make_runner(data_dir, out, name="sft", **kwargs):
         test_size=4,
         evaluation="loss",
     )
-    training = KPIGConfig(
-        output_dir=str(out),
-        per_device_train_batch_size=2,
-        num_train_epochs=1,
-        learning_rate=5e-3,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        seed=0,
-        replay_tasks=1,
-        replay_instances=2,
-        max_length=128,
-    )
+    training = KPIGConfig(**tiny_training(out, per_device_train_batch_size=2, replay_tasks=1, replay_instances=2))
     return ContinualRunner(args, training, **kwargs)
 
 
