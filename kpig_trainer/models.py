@@ -117,11 +117,9 @@ def load_model_and_tokenizer(name_or_path: str | os.PathLike, dtype=None, revisi
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name_or_path)
-    if revision is not None and not os.path.isdir(path):
-        kwargs["revision"] = revision
-    tokenizer = AutoTokenizer.from_pretrained(
-        path, **({"revision": kwargs["revision"]} if "revision" in kwargs else {})
-    )
+    hub = {"revision": revision} if revision is not None and not os.path.isdir(path) else {}
+    tokenizer = AutoTokenizer.from_pretrained(path, **hub)
+    kwargs.update(hub)
     if dtype is not None:
         kwargs["dtype"] = dtype
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)

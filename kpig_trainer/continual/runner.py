@@ -200,14 +200,14 @@ class ContinualRunner:
 
         done = self.state.completed
         source = self.dir.model_dir(done - 1) if done > 0 else None
-        base_options = {**self._model_kwargs(), "revision": self.args.model_revision}
+        # The revision applies to the Hub model only: load_model_and_tokenizer ignores it for folders.
+        options = {**self._model_kwargs(), "revision": self.args.model_revision}
         if source is not None and self.args.use_peft:
             from peft import PeftModel
 
-            base, self.tokenizer = load_model_and_tokenizer(self.args.model_name_or_path, **base_options)
+            base, self.tokenizer = load_model_and_tokenizer(self.args.model_name_or_path, **options)
             self.model = PeftModel.from_pretrained(base, str(source), is_trainable=True)
         else:
-            options = base_options if source is None else self._model_kwargs()
             self.model, self.tokenizer = load_model_and_tokenizer(
                 str(source or self.args.model_name_or_path), **options
             )
@@ -218,8 +218,10 @@ class ContinualRunner:
         if done > 0 and self.dir.extra_path(done - 1).exists():
             self.method.load_state_dict(torch.load(self.dir.extra_path(done - 1), weights_only=False))
 
-    def collator(self, with_masked: bool):
-        """The training collator of every stage (instruction pools included)."""
+    def collator(self, with_masked: bool = True, *, scoring: bool = False):
+        """The training collator of every stage (instruction pools included); ``scoring=True``: the
+        one replay scoring and the evaluation's IG share, with the same tokenization and each task's
+        own instruction."""
         from kpig_trainer.kpig.collator import build_collator
 
         return build_collator(
@@ -228,15 +230,7 @@ class ContinualRunner:
             max_length=self.training_args.max_length or 1024,
             instruction_pools=self.instruction_pools,
             with_masked=with_masked,
-        )
-
-    def scoring_collator(self):
-        """The collator replay scoring and the evaluation's IG share: the training collator's
-        tokenization, each task's own instruction."""
-        from kpig_trainer.kpig.collator import build_collator
-
-        return build_collator(
-            self.tokenizer, self.training_args, max_length=self.training_args.max_length or 1024, scoring=True
+            scoring=scoring,
         )
 
     # -- the loop ------------------------------------------------------------------------
@@ -348,7 +342,7 @@ class ContinualRunner:
         callback = ReplayCallback(
             self.replay_strategy,
             self.replay_request(stage),
-            self.scoring_collator(),
+            self.collator(scoring=True),
             alpha=self.training_args.alpha,
             batch_size=self.args.eval_batch_size,
             on_choice=record,
@@ -458,7 +452,7 @@ class ContinualRunner:
             alpha=self.training_args.alpha,
             mask_token=self.training_args.mask_token,
             judge=self.judge,
-            ig_collator=self.scoring_collator() if self.args.eval_ig else None,
+            ig_collator=self.collator(scoring=True) if self.args.eval_ig else None,
             show_progress=not self.training_args.disable_tqdm,
         )
         entry = result.to_dict()
